@@ -1,0 +1,20 @@
+"""hfcompress: compress HuggingFace transformers models by module surgery.
+
+Public API only; see the submodules for the building blocks.
+"""
+
+from hfcompress.errors import HfCompressError, InvalidParameterError, UnsupportedModuleError
+from hfcompress.layers import CompressedLayer, KroneckerLinear, LowRankLinear, PrunedLinear
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "CompressedLayer",
+    "HfCompressError",
+    "InvalidParameterError",
+    "KroneckerLinear",
+    "LowRankLinear",
+    "PrunedLinear",
+    "UnsupportedModuleError",
+    "__version__",
+]

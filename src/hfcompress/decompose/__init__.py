@@ -1,0 +1,39 @@
+"""Pure tensor math behind the compressed layers: no ``nn.Module`` here.
+
+Every function computes in fp32 whatever the input dtype, and returns tensors in the input's
+dtype and on its device, so a bf16 model on CUDA is decomposed accurately without leaving the GPU.
+"""
+
+from hfcompress.decompose.kronecker import (
+    KroneckerShape,
+    kron_rearrange,
+    kronecker_error,
+    kronecker_shapes,
+    kronecker_sum,
+    nearest_kronecker,
+)
+from hfcompress.decompose.masks import magnitude_mask, nm_mask, parse_nm_pattern
+from hfcompress.decompose.svd import (
+    low_rank_error,
+    rank_for_energy,
+    rank_for_ratio,
+    resolve_rank,
+    svd_factors,
+)
+
+__all__ = [
+    "KroneckerShape",
+    "kron_rearrange",
+    "kronecker_error",
+    "kronecker_shapes",
+    "kronecker_sum",
+    "low_rank_error",
+    "magnitude_mask",
+    "nearest_kronecker",
+    "nm_mask",
+    "parse_nm_pattern",
+    "rank_for_energy",
+    "rank_for_ratio",
+    "resolve_rank",
+    "svd_factors",
+]

@@ -1,0 +1,103 @@
+"""Pruning masks: per-layer magnitude (unstructured) and N:M semi-structured.
+
+Masks are boolean tensors of W's shape, ``True`` where a weight is kept. W is [out, in]
+(``nn.Linear`` layout); N:M groups run along the input dimension, which is what sparse tensor
+cores (2:4 on Ampere and later) accelerate.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from hfcompress.errors import InvalidParameterError
+
+_NM_PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+def _check_sparsity(sparsity: float) -> None:
+    if (
+        isinstance(sparsity, bool)
+        or not isinstance(sparsity, (int, float))
+        or not 0.0 <= sparsity < 1.0
+    ):
+        raise InvalidParameterError(
+            f"sparsity={sparsity!r}: expected a fraction of weights to prune in [0, 1)"
+        )
+
+
+def pruned_count(numel: int, sparsity: float) -> int:
+    """How many of ``numel`` weights a ``sparsity`` prunes: round(sparsity·numel)."""
+    _check_sparsity(sparsity)
+    return min(round(sparsity * numel), numel - 1)
+
+
+def magnitude_mask(W: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Keep the largest-magnitude weights of the layer, pruning round(sparsity·numel) of them.
+
+    Args:
+        W: weight of any shape.
+        sparsity: fraction of weights to prune, in [0, 1).
+
+    Returns:
+        Boolean mask of W's shape with exactly ``numel − round(sparsity·numel)`` ``True``
+        entries; every kept |w| is ≥ every pruned |w| (ties broken by ``torch.topk``).
+    """
+    n_keep = W.numel() - pruned_count(W.numel(), sparsity)
+    scores = W.detach().abs().float().flatten()
+    keep = torch.topk(scores, n_keep, largest=True, sorted=False).indices
+    mask = torch.zeros(W.numel(), dtype=torch.bool, device=W.device)
+    mask[keep] = True
+    return mask.view_as(W)
+
+
+def parse_nm_pattern(pattern: str) -> tuple[int, int]:
+    """Parse ``"N:M"`` into ``(n, m)``, requiring 1 ≤ N < M.
+
+    Raises:
+        InvalidParameterError: the pattern is not ``"N:M"`` with 1 ≤ N < M.
+    """
+    match = _NM_PATTERN.match(pattern) if isinstance(pattern, str) else None
+    if match is None:
+        raise InvalidParameterError(
+            f"pattern={pattern!r}: expected 'unstructured' or 'N:M' such as '2:4'"
+        )
+    n, m = int(match.group(1)), int(match.group(2))
+    _check_nm(n, m)
+    return n, m
+
+
+def _check_nm(n: int, m: int) -> None:
+    if not 1 <= n < m:
+        raise InvalidParameterError(
+            f"N:M pattern {n}:{m}: expected 1 ≤ N < M (keep N weights in every group of M)"
+        )
+
+
+def nm_mask(W: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Keep the N largest-magnitude weights in every group of M consecutive inputs.
+
+    Args:
+        W: [out, in] weight; ``in`` must be divisible by M.
+        n: weights kept per group, 1 ≤ N < M.
+        m: group size along the input dimension.
+
+    Returns:
+        Boolean mask of W's shape with exactly N ``True`` entries per group; its sparsity is
+        1 − N/M.
+
+    Raises:
+        InvalidParameterError: N ≥ M, or the input dimension is not a multiple of M.
+    """
+    _check_nm(n, m)
+    if W.ndim != 2 or W.shape[1] % m:
+        raise InvalidParameterError(
+            f"N:M pattern {n}:{m}: expected a 2-D weight [out, in] with in divisible by {m}, "
+            f"got shape {tuple(W.shape)}"
+        )
+    groups = W.detach().abs().float().reshape(-1, m)
+    keep = torch.topk(groups, n, dim=1, largest=True, sorted=False).indices
+    mask = torch.zeros_like(groups, dtype=torch.bool)
+    mask.scatter_(1, keep, True)
+    return mask.view_as(W)

@@ -1,0 +1,24 @@
+"""The hfcompress exception tree.
+
+Every error the library raises on user input derives from :class:`HfCompressError`. Each
+subclass also derives from the builtin a caller would naturally catch (``ValueError`` for a
+bad parameter), so ``except ValueError`` keeps working.
+"""
+
+from __future__ import annotations
+
+
+class HfCompressError(Exception):
+    """Base class of all hfcompress errors."""
+
+
+class InvalidParameterError(HfCompressError, ValueError):
+    """A compression parameter (rank, sparsity, a_shape, ...) is out of range for its module."""
+
+
+class UnsupportedModuleError(HfCompressError, TypeError, ValueError):
+    """A module hfcompress cannot compress (neither ``nn.Linear`` nor GPT-2's ``Conv1D``).
+
+    It is both a ``TypeError`` (the natural builtin) and a ``ValueError`` (what every other
+    bad argument to ``from_module`` raises), so either ``except`` clause catches it.
+    """

@@ -1,0 +1,163 @@
+"""What every compressed layer shares: the dense boundary, the registry, the base class.
+
+hfcompress layers always store weights in ``nn.Linear`` layout, W: [out, in]. GPT-2's
+``transformers.pytorch_utils.Conv1D`` stores its weight transposed, [in, out]; it is transposed
+once, here, when a layer is built, and transposed back by ``to_dense``.
+"""
+
+from __future__ import annotations
+
+from abc import ABCMeta, abstractmethod
+from collections.abc import Callable
+from typing import ClassVar, Literal, TypeVar
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from hfcompress.errors import HfCompressError, UnsupportedModuleError
+
+SourceKind = Literal["linear", "conv1d"]
+SOURCE_KINDS: tuple[SourceKind, ...] = ("linear", "conv1d")
+
+_LAYER_REGISTRY: dict[str, type[CompressedLayer]] = {}
+
+C = TypeVar("C", bound="CompressedLayer")
+
+
+def register_layer(method: str) -> Callable[[type[C]], type[C]]:
+    """Class decorator registering a compressed layer under its recipe ``method`` name.
+
+    Raises:
+        HfCompressError: the name is already taken.
+    """
+
+    def decorate(cls: type[C]) -> type[C]:
+        if method in _LAYER_REGISTRY:
+            raise HfCompressError(
+                f"method {method!r} is already registered to {_LAYER_REGISTRY[method].__name__}"
+            )
+        cls.method = method
+        _LAYER_REGISTRY[method] = cls
+        return cls
+
+    return decorate
+
+
+def get_layer_class(method: str) -> type[CompressedLayer]:
+    """The layer class registered as ``method``.
+
+    Raises:
+        HfCompressError: unknown name; the message lists the known ones.
+    """
+    try:
+        return _LAYER_REGISTRY[method]
+    except KeyError:
+        raise HfCompressError(
+            f"unknown method {method!r}; known methods: {sorted(_LAYER_REGISTRY)}"
+        ) from None
+
+
+def registered_methods() -> dict[str, type[CompressedLayer]]:
+    """A copy of the registry: method name -> layer class."""
+    return dict(_LAYER_REGISTRY)
+
+
+def source_kind(module: nn.Module) -> SourceKind:
+    """``"linear"`` or ``"conv1d"`` for a module hfcompress can compress.
+
+    Raises:
+        UnsupportedModuleError: any other module type.
+    """
+    if isinstance(module, Conv1D):
+        return "conv1d"
+    if isinstance(module, nn.Linear):
+        return "linear"
+    raise UnsupportedModuleError(
+        f"module: expected torch.nn.Linear or transformers.pytorch_utils.Conv1D, "
+        f"got {type(module).__module__}.{type(module).__qualname__}"
+    )
+
+
+def dense_weight_of(module: nn.Module) -> torch.Tensor:
+    """W: [out, in] of a Linear, Conv1D or compressed layer (a view, not a copy, for dense)."""
+    if isinstance(module, CompressedLayer):
+        return module.dense_weight()
+    if source_kind(module) == "conv1d":
+        return module.weight.T
+    return module.weight
+
+
+def make_dense(
+    weight: torch.Tensor, bias: torch.Tensor | None, source: SourceKind
+) -> nn.Linear | Conv1D:
+    """A new ``nn.Linear`` or ``Conv1D`` holding W: [out, in] and the bias, on W's device/dtype."""
+    out_features, in_features = weight.shape
+    if source == "conv1d":
+        dense = Conv1D(nf=out_features, nx=in_features)
+        dense.to(device=weight.device, dtype=weight.dtype)
+        dense.weight.data = weight.detach().T.contiguous().clone()
+        if bias is None:
+            # Conv1D always has a bias; a compressed layer built from one always keeps it.
+            raise HfCompressError("a Conv1D needs a bias; this layer has none")
+        dense.bias.data = bias.detach().clone()
+        return dense
+    dense = nn.Linear(
+        in_features, out_features, bias=bias is not None, device=weight.device, dtype=weight.dtype
+    )
+    dense.weight.data = weight.detach().contiguous().clone()
+    if bias is not None:
+        dense.bias.data = bias.detach().clone()
+    return dense
+
+
+class CompressedLayer(nn.Module, metaclass=ABCMeta):
+    """Base of ``PrunedLinear``, ``LowRankLinear`` and ``KroneckerLinear``.
+
+    Each stands in for an ``nn.Linear`` or ``Conv1D`` computing y = x·Wᵀ + b with
+    W: [out, in], and remembers which of the two it replaced (``source``) so ``to_dense``
+    gives back the same class and layout.
+    """
+
+    method: ClassVar[str]
+    in_features: int
+    out_features: int
+    source: SourceKind
+
+    def _init_common(self, in_features: int, out_features: int, source: SourceKind) -> None:
+        if source not in SOURCE_KINDS:
+            raise HfCompressError(f"source={source!r}: expected one of {SOURCE_KINDS}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.source = source
+
+    @classmethod
+    @abstractmethod
+    def from_module(cls, module: nn.Module, **params: object) -> CompressedLayer:
+        """Build the compressed layer from an ``nn.Linear`` or ``Conv1D``."""
+
+    @abstractmethod
+    def dense_weight(self) -> torch.Tensor:
+        """The effective W: [out, in] this layer computes with (materialized; not for forward)."""
+
+    @abstractmethod
+    def dense_bias(self) -> torch.Tensor | None:
+        """The bias b: [out], or None."""
+
+    @abstractmethod
+    def compression_params(self) -> dict[str, object]:
+        """The parameters that rebuild this layer's structure (rank, a_shape, pattern, ...)."""
+
+    def to_dense(self) -> nn.Linear | Conv1D:
+        """The module type and layout that went in, holding W = ``dense_weight()`` and the bias."""
+        with torch.no_grad():
+            return make_dense(self.dense_weight(), self.dense_bias(), self.source)
+
+    def dense_param_count(self) -> int:
+        """Parameters of the dense module this layer replaces: out·in (+ out for a bias)."""
+        bias = self.out_features if self.dense_bias() is not None else 0
+        return self.out_features * self.in_features + bias
+
+    def nonzero_param_count(self) -> int:
+        """Parameters that can be non-zero (masked entries excluded)."""
+        return sum(int(p.numel()) for p in self.parameters())

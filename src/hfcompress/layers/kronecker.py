@@ -1,0 +1,189 @@
+"""``KroneckerLinear``: W ≈ Σₖ Aₖ ⊗ Bₖ, applied without ever building W.
+
+Kronecker decomposition of transformer weights (KroneckerBERT, Tahaei et al. 2022; KnGPT-2,
+Edalati et al. 2021; KronyPT, seed 004), initialized by Van Loan's nearest Kronecker product.
+
+For x: [n] viewed as X: [n1, n2] (row-major), (A ⊗ B)·x is A·X·Bᵀ viewed as [m1·m2]. The two
+matrix products can be taken in either order, and the factor shapes decide which is cheap: with
+A: (768, 768) and B: (4, 1), applying A first costs 768·768·(1) + 768·4 per token while B first
+costs 768·4 + 768·768·4, four times more. ``forward`` picks the order with fewer multiply-adds.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+from hfcompress.decompose.kronecker import b_shape_for, kronecker_sum, nearest_kronecker
+from hfcompress.errors import InvalidParameterError
+from hfcompress.layers.base import (
+    CompressedLayer,
+    SourceKind,
+    dense_weight_of,
+    register_layer,
+    source_kind,
+)
+
+ContractionOrder = Literal["a_first", "b_first"]
+
+
+def contraction_costs(
+    a_shape: tuple[int, int], b_shape: tuple[int, int], terms: int
+) -> dict[ContractionOrder, int]:
+    """Multiply-adds per token of each contraction order, for k = ``terms``.
+
+    a_first: X·Aᵀ over n1, then B over n2:  k·m1·n2·(n1 + m2).
+    b_first: X·Bᵀ over n2, then A over n1:  k·n1·m2·(n2 + m1).
+    """
+    (m1, n1), (m2, n2) = a_shape, b_shape
+    return {
+        "a_first": terms * m1 * n2 * (n1 + m2),
+        "b_first": terms * n1 * m2 * (n2 + m1),
+    }
+
+
+def _apply_a_first(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """Y: [N, m1·m2] for x: [N, n1·n2]; contracts A first. Shapes as in :class:`KroneckerLinear`."""
+    k, m1, n1 = A.shape
+    _, m2, n2 = B.shape
+    N = x.shape[0]
+    X = x.view(N, n1, n2).transpose(1, 2).reshape(N * n2, n1)
+    T = (
+        X @ A.reshape(k * m1, n1).T
+    )  # [N·n2, k·m1]: T[b, j2, k, i1] = Σ_j1 A[k, i1, j1] X[b, j1, j2]
+    T = T.view(N, n2, k, m1).permute(0, 3, 2, 1).reshape(N * m1, k * n2)
+    B_mat = B.permute(1, 0, 2).reshape(m2, k * n2)  # [m2, k·n2]
+    return (T @ B_mat.T).view(N, m1 * m2)
+
+
+def _apply_b_first(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """Y: [N, m1·m2] for x: [N, n1·n2]; contracts B first. Shapes as in :class:`KroneckerLinear`."""
+    k, m1, n1 = A.shape
+    _, m2, n2 = B.shape
+    N = x.shape[0]
+    T = x.reshape(N * n1, n2) @ B.reshape(k * m2, n2).T  # [N·n1, k·m2]
+    T = T.view(N, n1, k, m2).permute(0, 3, 2, 1).reshape(N * m2, k * n1)
+    A_mat = A.permute(1, 0, 2).reshape(m1, k * n1)  # [m1, k·n1]
+    Y = (T @ A_mat.T).view(N, m2, m1)
+    return Y.transpose(1, 2).reshape(N, m1 * m2)
+
+
+_APPLY = {"a_first": _apply_a_first, "b_first": _apply_b_first}
+
+
+@register_layer("kronecker")
+class KroneckerLinear(CompressedLayer):
+    """y = x·(Σₖ Aₖ ⊗ Bₖ)ᵀ + b with A: [k, m1, n1] and B: [k, m2, n2].
+
+    out = m1·m2 and in = n1·n2. The layer has k·(m1·n1 + m2·n2) (+ out for the bias)
+    parameters, and one term has rank at most min(m1, n1)·min(m2, n2).
+
+    Example:
+        >>> layer = KroneckerLinear.from_module(nn.Linear(768, 3072), a_shape=(768, 768))
+        >>> layer.B.shape
+        torch.Size([1, 4, 1])
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        a_shape: tuple[int, int],
+        terms: int = 1,
+        bias: bool = True,
+        *,
+        source: SourceKind = "linear",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self._init_common(in_features, out_features, source)
+        b_shape = b_shape_for((out_features, in_features), tuple(a_shape))
+        a_shape = (int(a_shape[0]), int(a_shape[1]))
+        max_terms = min(a_shape[0] * a_shape[1], b_shape[0] * b_shape[1])
+        if isinstance(terms, bool) or not isinstance(terms, int) or not 1 <= terms <= max_terms:
+            raise InvalidParameterError(
+                f"terms={terms!r}: expected an integer in [1, min(m1·n1, m2·n2)] = "
+                f"[1, {max_terms}] for a_shape={a_shape} and b_shape={b_shape}"
+            )
+        factory = {"device": device, "dtype": dtype}
+        self.A = nn.Parameter(torch.zeros(terms, *a_shape, **factory))
+        self.B = nn.Parameter(torch.zeros(terms, *b_shape, **factory))
+        self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
+        costs = contraction_costs(a_shape, b_shape, terms)
+        self.order: ContractionOrder = min(costs, key=costs.__getitem__)
+
+    @classmethod
+    def from_module(
+        cls, module: nn.Module, *, a_shape: tuple[int, int], terms: int = 1
+    ) -> KroneckerLinear:
+        """Factor an ``nn.Linear`` / ``Conv1D`` by the nearest Kronecker sum (Van Loan, fp32).
+
+        Args:
+            module: the dense module.
+            a_shape: (m1, n1), dividing the weight's [out, in]; B is (out/m1, in/n1).
+            terms: number of Kronecker terms k.
+
+        Raises:
+            InvalidParameterError: ``a_shape`` does not divide the shape, or ``terms`` is out
+                of range.
+            UnsupportedModuleError: the module is neither Linear nor Conv1D.
+        """
+        source = source_kind(module)
+        W = dense_weight_of(module)
+        out_features, in_features = W.shape
+        layer = cls(
+            in_features,
+            out_features,
+            a_shape,
+            terms,
+            bias=module.bias is not None,
+            source=source,
+            device=W.device,
+            dtype=W.dtype,
+        )
+        A, B = nearest_kronecker(W, layer.a_shape, terms)
+        with torch.no_grad():
+            layer.A.copy_(A)
+            layer.B.copy_(B)
+            if module.bias is not None:
+                layer.bias.copy_(module.bias)
+        return layer
+
+    @property
+    def terms(self) -> int:
+        return self.A.shape[0]
+
+    @property
+    def a_shape(self) -> tuple[int, int]:
+        return (self.A.shape[1], self.A.shape[2])
+
+    @property
+    def b_shape(self) -> tuple[int, int]:
+        return (self.B.shape[1], self.B.shape[2])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        leading = x.shape[:-1]
+        x2d = x.reshape(-1, self.in_features)
+        y = _APPLY[self.order](x2d, self.A, self.B)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*leading, self.out_features)
+
+    def dense_weight(self) -> torch.Tensor:
+        return kronecker_sum(self.A, self.B)
+
+    def dense_bias(self) -> torch.Tensor | None:
+        return self.bias
+
+    def compression_params(self) -> dict[str, object]:
+        return {"a_shape": list(self.a_shape), "terms": self.terms}
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"a_shape={self.a_shape}, b_shape={self.b_shape}, terms={self.terms}, "
+            f"bias={self.bias is not None}, order={self.order}, source={self.source}"
+        )

@@ -1,0 +1,174 @@
+"""``LowRankLinear``: W ≈ U·V from a truncated SVD, with ranks that can shrink in training.
+
+Progressive low-rank decomposition (Hajimolahoseini et al., seed 000 §4): factor W into
+U = U_r·√Σ_r: [out, r] and V = √Σ_r·V_rᵀ: [r, in], train, then ``truncate`` to a smaller rank
+and train again. The factors are two child ``nn.Linear`` modules, ``v`` (in → r) and ``u``
+(r → out, carrying the bias), so a later stage can compress each factor like any Linear
+(pruning after low-rank prunes U and V).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hfcompress.decompose.svd import SvdMethod, check_rank, svd_factors
+from hfcompress.errors import InvalidParameterError
+from hfcompress.layers.base import (
+    CompressedLayer,
+    SourceKind,
+    dense_weight_of,
+    register_layer,
+    source_kind,
+)
+
+
+@register_layer("lowrank")
+class LowRankLinear(CompressedLayer):
+    """y = (x·Vᵀ)·Uᵀ + b with U: [out, r] (``u.weight``) and V: [r, in] (``v.weight``).
+
+    It has r·(out + in) (+ out for the bias) parameters, and its forward costs
+    r·(out + in) multiply-adds per token instead of out·in.
+
+    Example:
+        >>> layer = LowRankLinear.from_module(nn.Linear(768, 3072), ratio=0.25)
+        >>> layer.rank
+        153
+        >>> layer.truncate(64)
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        bias: bool = True,
+        *,
+        source: SourceKind = "linear",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self._init_common(in_features, out_features, source)
+        check_rank(rank, out_features, in_features)
+        self.v = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
+        self.u = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
+
+    @classmethod
+    def from_module(
+        cls,
+        module: nn.Module,
+        *,
+        rank: int | None = None,
+        ratio: float | None = None,
+        energy: float | None = None,
+        method: SvdMethod = "auto",
+    ) -> LowRankLinear:
+        """Factor an ``nn.Linear`` / ``Conv1D`` by truncated SVD (computed in fp32).
+
+        Args:
+            module: the dense module.
+            rank: the rank r, in [1, min(out, in)].
+            ratio: alternatively, the fraction of parameters kept: r = ⌊ratio·out·in/(out + in)⌋.
+            energy: alternatively, the fraction of Σσᵢ² retained.
+            method: SVD algorithm, see :func:`hfcompress.decompose.svd_factors`.
+
+        Raises:
+            InvalidParameterError: not exactly one of rank/ratio/energy, or out of range.
+            UnsupportedModuleError: the module is neither Linear nor Conv1D.
+        """
+        source = source_kind(module)
+        W = dense_weight_of(module)
+        U, V = svd_factors(W, rank, ratio=ratio, energy=energy, method=method)
+        out_features, in_features = W.shape
+        layer = cls(
+            in_features,
+            out_features,
+            U.shape[1],
+            bias=module.bias is not None,
+            source=source,
+            device=W.device,
+            dtype=W.dtype,
+        )
+        with torch.no_grad():
+            layer.u.weight.copy_(U)
+            layer.v.weight.copy_(V)
+            if module.bias is not None:
+                layer.u.bias.copy_(module.bias)
+        return layer
+
+    @property
+    def rank(self) -> int:
+        return self.v.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.u(self.v(x))
+
+    def dense_weight(self) -> torch.Tensor:
+        return dense_weight_of(self.u) @ dense_weight_of(self.v)
+
+    def dense_bias(self) -> torch.Tensor | None:
+        return self.u.bias
+
+    def compression_params(self) -> dict[str, object]:
+        return {"rank": self.rank}
+
+    @torch.no_grad()
+    def truncate(self, new_rank: int) -> None:
+        """Re-factor the current product U·V to rank ``new_rank``, shrinking the parameters.
+
+        The SVD of U·V is taken without building it: with U = Q_u·R_u and Vᵀ = Q_v·R_v,
+        U·V = Q_u·(R_u·R_vᵀ)·Q_vᵀ, so only the r×r core needs an SVD. The result is the best
+        rank-``new_rank`` approximation of U·V (Eckart–Young), split as U·√Σ and √Σ·Vᵀ.
+
+        The factors are replaced by new, smaller ``nn.Parameter`` objects: an optimizer holding
+        the old ones must be rebuilt (the training callbacks do this).
+
+        Raises:
+            InvalidParameterError: ``new_rank`` outside [1, current rank], or a factor was
+                compressed by a later stage (re-factoring would discard its structure).
+        """
+        if (
+            isinstance(new_rank, bool)
+            or not isinstance(new_rank, int)
+            or not 1 <= new_rank <= self.rank
+        ):
+            raise InvalidParameterError(
+                f"new_rank={new_rank!r}: expected an integer in "
+                f"[1, current rank] = [1, {self.rank}]"
+            )
+        if not (type(self.u) is nn.Linear and type(self.v) is nn.Linear):
+            raise InvalidParameterError(
+                f"truncate: the factors are {type(self.u).__name__}/{type(self.v).__name__}; "
+                "only plain nn.Linear factors can be re-factored"
+            )
+        if new_rank == self.rank:
+            return
+        U32 = self.u.weight.float()
+        V32 = self.v.weight.float()
+        Q_u, R_u = torch.linalg.qr(U32)
+        Q_v, R_v = torch.linalg.qr(V32.T)
+        core_u, S, core_vh = torch.linalg.svd(R_u @ R_v.T)
+        root = S[:new_rank].sqrt()
+        new_U = (Q_u @ core_u[:, :new_rank]) * root
+        new_V = root[:, None] * (core_vh[:new_rank] @ Q_v.T)
+        self._replace_factors(new_U, new_V)
+
+    def _replace_factors(self, U: torch.Tensor, V: torch.Tensor) -> None:
+        old_u, old_v = self.u, self.v
+        factory = {"device": old_u.weight.device, "dtype": old_u.weight.dtype}
+        rank = U.shape[1]
+        self.v = nn.Linear(self.in_features, rank, bias=False, **factory)
+        self.u = nn.Linear(rank, self.out_features, bias=old_u.bias is not None, **factory)
+        self.v.weight.copy_(V)
+        self.u.weight.copy_(U)
+        if old_u.bias is not None:
+            self.u.bias.copy_(old_u.bias)
+        self.u.requires_grad_(old_u.weight.requires_grad)
+        self.v.requires_grad_(old_v.weight.requires_grad)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"rank={self.rank}, bias={self.u.bias is not None}, source={self.source}"
+        )

@@ -1,0 +1,193 @@
+"""``PrunedLinear``: a Linear whose weight is multiplied by a fixed boolean mask.
+
+Magnitude pruning per layer (unstructured) or N:M along the input dimension. Because forward
+computes with ``weight * mask``, masked entries receive exactly zero gradient, and because they
+are stored as 0, no optimizer moves them: with AdamW the first and second moments stay 0, so the
+update is 0/(√0 + ε) = 0, and decoupled weight decay multiplies 0 by (1 − lr·λ). This is the
+pattern lock of Prune Once For All (Zafrir et al., 2021).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hfcompress.decompose.masks import magnitude_mask, nm_mask, parse_nm_pattern
+from hfcompress.errors import InvalidParameterError
+from hfcompress.layers.base import (
+    CompressedLayer,
+    SourceKind,
+    dense_weight_of,
+    register_layer,
+    source_kind,
+)
+
+UNSTRUCTURED = "unstructured"
+
+
+def normalize_pattern(pattern: str) -> str:
+    """``"unstructured"`` or a canonical ``"N:M"``.
+
+    Raises:
+        InvalidParameterError: anything else, or N ≥ M.
+    """
+    if pattern == UNSTRUCTURED:
+        return pattern
+    n, m = parse_nm_pattern(pattern)
+    return f"{n}:{m}"
+
+
+def resolve_sparsity(pattern: str, sparsity: float | None) -> float:
+    """The sparsity a pattern implies: given for unstructured, 1 − N/M for N:M.
+
+    Raises:
+        InvalidParameterError: unstructured without a sparsity, or an N:M sparsity that
+            contradicts its pattern.
+    """
+    if pattern == UNSTRUCTURED:
+        if sparsity is None:
+            raise InvalidParameterError(
+                "sparsity=None: an unstructured pattern needs a sparsity in [0, 1)"
+            )
+        return sparsity
+    n, m = parse_nm_pattern(pattern)
+    implied = 1.0 - n / m
+    if sparsity is not None and abs(sparsity - implied) > 1e-9:
+        raise InvalidParameterError(
+            f"sparsity={sparsity!r}: the pattern {pattern!r} implies sparsity {implied:g}; "
+            "leave sparsity out or give that value"
+        )
+    return implied
+
+
+def compute_mask(W: torch.Tensor, pattern: str, sparsity: float) -> torch.Tensor:
+    """Magnitude mask of W: [out, in] for ``pattern`` (sparsity applies to unstructured only)."""
+    if pattern == UNSTRUCTURED:
+        return magnitude_mask(W, sparsity)
+    n, m = parse_nm_pattern(pattern)
+    return nm_mask(W, n, m)
+
+
+@register_layer("prune")
+class PrunedLinear(CompressedLayer):
+    """y = x·(W ⊙ M)ᵀ + b with W: [out, in] and a boolean mask M: [out, in].
+
+    The mask is a persistent buffer, saved and loaded with the weights. ``sparsity`` is the
+    fraction of zeros the mask was built for: ``round(sparsity·out·in)`` entries for
+    unstructured, exactly 1 − N/M for ``"N:M"``.
+
+    Example:
+        >>> layer = PrunedLinear.from_module(nn.Linear(64, 32), sparsity=0.5)
+        >>> layer = PrunedLinear.from_module(nn.Linear(64, 32), pattern="2:4")
+    """
+
+    mask: torch.Tensor
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        pattern: str = UNSTRUCTURED,
+        sparsity: float | None = None,
+        source: SourceKind = "linear",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self._init_common(in_features, out_features, source)
+        self.pattern = normalize_pattern(pattern)
+        self.sparsity = resolve_sparsity(self.pattern, sparsity)
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.zeros(out_features, in_features, **factory))
+        self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
+        self.register_buffer(
+            "mask", torch.ones(out_features, in_features, dtype=torch.bool, device=device)
+        )
+
+    @classmethod
+    def from_module(
+        cls,
+        module: nn.Module,
+        *,
+        sparsity: float | None = None,
+        pattern: str = UNSTRUCTURED,
+    ) -> PrunedLinear:
+        """Prune an ``nn.Linear`` / ``Conv1D`` by magnitude.
+
+        Args:
+            module: the dense module; its weight is copied, not shared.
+            sparsity: fraction of weights to prune, in [0, 1). Implied by an N:M pattern.
+            pattern: ``"unstructured"`` (per-layer magnitude) or ``"N:M"`` (keep N of every M
+                consecutive inputs).
+
+        Raises:
+            InvalidParameterError: bad sparsity or pattern, or ``in`` not divisible by M.
+            UnsupportedModuleError: the module is neither Linear nor Conv1D.
+        """
+        source = source_kind(module)
+        W = dense_weight_of(module)
+        out_features, in_features = W.shape
+        layer = cls(
+            in_features,
+            out_features,
+            bias=module.bias is not None,
+            pattern=pattern,
+            sparsity=sparsity,
+            source=source,
+            device=W.device,
+            dtype=W.dtype,
+        )
+        with torch.no_grad():
+            layer.mask.copy_(compute_mask(W, layer.pattern, layer.sparsity))
+            layer.weight.copy_(W * layer.mask)
+            if module.bias is not None:
+                layer.bias.copy_(module.bias)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight * self.mask, self.bias)
+
+    @torch.no_grad()
+    def apply_mask_(self) -> None:
+        """Zero the stored weights the mask removes (after an optimizer or a mask change)."""
+        self.weight.mul_(self.mask)
+
+    @torch.no_grad()
+    def update_mask(self, sparsity: float | None = None) -> None:
+        """Recompute the mask by magnitude of the current weights and zero what it removes.
+
+        Gradual pruning calls this with rising sparsities; an N:M layer keeps its pattern and
+        ignores ``sparsity``. Weights pruned earlier are 0, so they come back only if nothing
+        larger is left, which magnitude order makes impossible while the sparsity rises.
+        """
+        if self.pattern == UNSTRUCTURED and sparsity is not None:
+            self.sparsity = resolve_sparsity(self.pattern, sparsity)
+        self.mask.copy_(compute_mask(self.weight * self.mask, self.pattern, self.sparsity))
+        self.apply_mask_()
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.weight * self.mask
+
+    def dense_bias(self) -> torch.Tensor | None:
+        return self.bias
+
+    def compression_params(self) -> dict[str, object]:
+        return {"pattern": self.pattern, "sparsity": self.sparsity}
+
+    def nonzero_param_count(self) -> int:
+        bias = self.bias.numel() if self.bias is not None else 0
+        return int(self.mask.sum()) + bias
+
+    def measured_sparsity(self) -> float:
+        """Fraction of masked-out weights, read off the mask."""
+        return 1.0 - float(self.mask.sum()) / self.mask.numel()
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, pattern={self.pattern}, "
+            f"sparsity={self.measured_sparsity():.4f}, source={self.source}"
+        )
