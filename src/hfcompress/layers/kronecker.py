@@ -44,30 +44,47 @@ def contraction_costs(
     }
 
 
-def _apply_a_first(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """Y: [N, m1·m2] for x: [N, n1·n2]; contracts A first. Shapes as in :class:`KroneckerLinear`."""
+def _apply_a_first(
+    x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """Y: [N, m1·m2] for x: [N, n1·n2], contracting A first (shapes as in KroneckerLinear).
+
+    Y[b, i1, i2] = Σₖ Σ_j2 (Σ_j1 Aₖ[i1, j1]·X[b, j1, j2])·Bₖ[i2, j2]. The output is the largest
+    tensor here, so the bias is fused into the last product instead of a separate pass.
+    """
     k, m1, n1 = A.shape
     _, m2, n2 = B.shape
     N = x.shape[0]
-    X = x.view(N, n1, n2).transpose(1, 2).reshape(N * n2, n1)
-    T = (
-        X @ A.reshape(k * m1, n1).T
-    )  # [N·n2, k·m1]: T[b, j2, k, i1] = Σ_j1 A[k, i1, j1] X[b, j1, j2]
+    X = x.view(N, n1, n2).transpose(1, 2).reshape(N * n2, n1)  # a view when n2 == 1
+    T = X @ A.reshape(k * m1, n1).T  # [N·n2, k·m1]
+    if k * n2 == 1:
+        # The last contraction is an outer product with B: one broadcast multiply-add.
+        T = T.view(N, m1, 1)
+        b = B.view(1, 1, m2)
+        Y = T * b if bias is None else torch.addcmul(bias.view(1, m1, m2), T, b)
+        return Y.view(N, m1 * m2)
     T = T.view(N, n2, k, m1).permute(0, 3, 2, 1).reshape(N * m1, k * n2)
-    B_mat = B.permute(1, 0, 2).reshape(m2, k * n2)  # [m2, k·n2]
-    return (T @ B_mat.T).view(N, m1 * m2)
+    Y = T @ B.permute(1, 0, 2).reshape(m2, k * n2).T  # [N·m1, m2]
+    Y = Y.view(N, m1 * m2)
+    return Y if bias is None else Y.add_(bias)
 
 
-def _apply_b_first(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """Y: [N, m1·m2] for x: [N, n1·n2]; contracts B first. Shapes as in :class:`KroneckerLinear`."""
+def _apply_b_first(
+    x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """Y: [N, m1·m2] for x: [N, n1·n2], contracting B first (shapes as in KroneckerLinear)."""
     k, m1, n1 = A.shape
     _, m2, n2 = B.shape
     N = x.shape[0]
     T = x.reshape(N * n1, n2) @ B.reshape(k * m2, n2).T  # [N·n1, k·m2]
-    T = T.view(N, n1, k, m2).permute(0, 3, 2, 1).reshape(N * m2, k * n1)
-    A_mat = A.permute(1, 0, 2).reshape(m1, k * n1)  # [m1, k·n1]
-    Y = (T @ A_mat.T).view(N, m2, m1)
-    return Y.transpose(1, 2).reshape(N, m1 * m2)
+    T = T.view(N, n1, k, m2).permute(0, 3, 2, 1).reshape(N * m2, k * n1)  # a view if k·m2 == 1
+    A_mat = A.permute(1, 0, 2).reshape(m1, k * n1)
+    if m2 == 1:
+        return T @ A_mat.T if bias is None else torch.addmm(bias, T, A_mat.T)
+    Y = (T @ A_mat.T).view(N, m2, m1).transpose(1, 2)  # [N, m1, m2], strided
+    # Putting the contiguous bias first makes the sum come out contiguous: one pass, not two.
+    Y = Y.contiguous() if bias is None else torch.add(bias.view(m1, m2), Y)
+    return Y.view(N, m1 * m2)
 
 
 _APPLY = {"a_first": _apply_a_first, "b_first": _apply_b_first}
@@ -167,9 +184,7 @@ class KroneckerLinear(CompressedLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         leading = x.shape[:-1]
         x2d = x.reshape(-1, self.in_features)
-        y = _APPLY[self.order](x2d, self.A, self.B)
-        if self.bias is not None:
-            y = y + self.bias
+        y = _APPLY[self.order](x2d, self.A, self.B, self.bias)
         return y.view(*leading, self.out_features)
 
     def dense_weight(self) -> torch.Tensor:
