@@ -49,3 +49,117 @@ def devices() -> list[pytest.param]:
         pytest.param("cpu", id="cpu"),
         pytest.param("cuda", id="cuda", marks=pytest.mark.gpu),
     ]
+
+
+# --- tiny config-built models, one per architecture family --------------------------------------
+# Every width is 64 and every MLP 128, so one recipe fits all: ranks ≤ 64, a_shape (8, 8) and
+# N:M with M | 64 divide every matrix.
+
+BLOCK_LINEARS = r".*\.(h|layers|layer|block)\.\d+\..*"
+
+
+def _gpt2() -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return GPT2LMHeadModel(
+        GPT2Config(
+            n_layer=2,
+            n_embd=64,
+            n_head=4,
+            n_positions=64,
+            vocab_size=128,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+    )
+
+
+def _llama() -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=128,
+            max_position_embeddings=64,
+            tie_word_embeddings=True,
+        )
+    )
+
+
+def _bert() -> nn.Module:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    return BertForSequenceClassification(
+        BertConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            vocab_size=128,
+            max_position_embeddings=64,
+            num_labels=3,
+        )
+    )
+
+
+def _opt() -> nn.Module:
+    from transformers import OPTConfig, OPTForCausalLM
+
+    return OPTForCausalLM(
+        OPTConfig(
+            hidden_size=64,
+            ffn_dim=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            vocab_size=128,
+            max_position_embeddings=64,
+            word_embed_proj_dim=64,
+        )
+    )
+
+
+def _t5() -> nn.Module:
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    return T5ForConditionalGeneration(
+        T5Config(
+            d_model=64,
+            d_kv=16,
+            d_ff=128,
+            num_layers=2,
+            num_heads=4,
+            vocab_size=128,
+            decoder_start_token_id=0,
+        )
+    )
+
+
+TINY_MODELS = {"gpt2": _gpt2, "llama": _llama, "bert": _bert, "opt": _opt, "t5": _t5}
+
+
+def tiny_model(arch: str) -> nn.Module:
+    """A tiny ``arch`` model in eval mode, built from a config with seed 0."""
+    torch.manual_seed(0)
+    return TINY_MODELS[arch]().eval()
+
+
+def tiny_inputs(arch: str, model: nn.Module) -> dict[str, torch.Tensor]:
+    ids = torch.randint(1, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    if arch == "t5":
+        return {"input_ids": ids, "decoder_input_ids": ids[:, :6]}
+    return {"input_ids": ids}
+
+
+def model_output(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+@pytest.fixture(params=list(TINY_MODELS))
+def arch(request: pytest.FixtureRequest) -> str:
+    return request.param

@@ -13,6 +13,7 @@ PACKAGE = Path(hfcompress.__file__).parent
 
 # Each layer may import only from the layers listed before it.
 ORDER = [
+    "_version",
     "errors",
     "decompose",
     "recipe",

@@ -3,10 +3,9 @@
 Public API only; see the submodules for the building blocks.
 """
 
+from hfcompress._version import __version__
 from hfcompress.errors import HfCompressError, InvalidParameterError, UnsupportedModuleError
 from hfcompress.layers import CompressedLayer, KroneckerLinear, LowRankLinear, PrunedLinear
-
-__version__ = "0.1.0.dev0"
 
 __all__ = [
     "CompressedLayer",

@@ -17,7 +17,7 @@ from rich.table import Table
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from hfcompress import __version__
+from hfcompress._version import __version__
 from hfcompress.decompose import kronecker_shapes
 from hfcompress.errors import HfCompressError
 from hfcompress.layers import (

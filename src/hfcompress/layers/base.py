@@ -148,6 +148,28 @@ class CompressedLayer(nn.Module, metaclass=ABCMeta):
     def compression_params(self) -> dict[str, object]:
         """The parameters that rebuild this layer's structure (rank, a_shape, pattern, ...)."""
 
+    def to_spec(self) -> dict[str, object]:
+        """JSON-compatible description of this layer's structure (no weights).
+
+        ``layer_from_spec`` rebuilds an uninitialized layer of the same structure from it, which
+        is what loading a checkpoint does before the weights arrive.
+        """
+        return {
+            "method": self.method,
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "bias": self.dense_bias() is not None,
+            "source": self.source,
+            **self.compression_params(),
+        }
+
+    @classmethod
+    @abstractmethod
+    def from_spec(
+        cls, spec: dict[str, object], device: torch.device | str | None, dtype: torch.dtype | None
+    ) -> CompressedLayer:
+        """An uninitialized layer with the structure ``spec`` describes (see ``to_spec``)."""
+
     def to_dense(self) -> nn.Linear | Conv1D:
         """The module type and layout that went in, holding W = ``dense_weight()`` and the bias."""
         with torch.no_grad():
@@ -161,3 +183,32 @@ class CompressedLayer(nn.Module, metaclass=ABCMeta):
     def nonzero_param_count(self) -> int:
         """Parameters that can be non-zero (masked entries excluded)."""
         return sum(int(p.numel()) for p in self.parameters())
+
+
+def module_spec(module: nn.Module) -> dict[str, object]:
+    """``to_spec()`` of a compressed layer, ``{"method": "dense"}`` for a Linear/Conv1D."""
+    if isinstance(module, CompressedLayer):
+        return module.to_spec()
+    source = source_kind(module)
+    return {"method": "dense", "source": source}
+
+
+def layer_from_spec(
+    spec: dict[str, object],
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> CompressedLayer:
+    """Rebuild an uninitialized compressed layer from ``to_spec()`` output.
+
+    Raises:
+        HfCompressError: unknown method, or a spec that does not describe a valid layer.
+    """
+    if not isinstance(spec, dict) or "method" not in spec:
+        raise HfCompressError(f"layer spec: expected a mapping with 'method', got {spec!r}")
+    cls = get_layer_class(str(spec["method"]))
+    try:
+        return cls.from_spec(spec, device, dtype)
+    except (KeyError, TypeError) as error:
+        raise HfCompressError(
+            f"layer spec {spec!r}: missing or malformed field ({error})"
+        ) from error

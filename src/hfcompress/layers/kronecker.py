@@ -169,9 +169,33 @@ class KroneckerLinear(CompressedLayer):
                 layer.bias.copy_(module.bias)
         return layer
 
+    @classmethod
+    def from_spec(
+        cls, spec: dict[str, object], device: torch.device | str | None, dtype: torch.dtype | None
+    ) -> KroneckerLinear:
+        return cls(
+            int(spec["in_features"]),
+            int(spec["out_features"]),
+            tuple(int(d) for d in spec["a_shape"]),
+            int(spec["terms"]),
+            bool(spec["bias"]),
+            source=spec["source"],
+            device=device,
+            dtype=dtype,
+        )
+
     @property
     def terms(self) -> int:
         return self.A.shape[0]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """W = Σₖ Aₖ ⊗ Bₖ: [out, in], materialized on each access; forward never uses it.
+
+        For code that inspects ``module.weight`` of a Linear (dtype checks, initializers).
+        Writing into it changes nothing: train A and B instead.
+        """
+        return self.dense_weight()
 
     @property
     def a_shape(self) -> tuple[int, int]:

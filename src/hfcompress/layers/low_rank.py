@@ -18,6 +18,8 @@ from hfcompress.layers.base import (
     CompressedLayer,
     SourceKind,
     dense_weight_of,
+    layer_from_spec,
+    module_spec,
     register_layer,
     source_kind,
 )
@@ -97,9 +99,48 @@ class LowRankLinear(CompressedLayer):
                 layer.u.bias.copy_(module.bias)
         return layer
 
+    @classmethod
+    def from_spec(
+        cls, spec: dict[str, object], device: torch.device | str | None, dtype: torch.dtype | None
+    ) -> LowRankLinear:
+        layer = cls(
+            int(spec["in_features"]),
+            int(spec["out_features"]),
+            int(spec["rank"]),
+            bool(spec["bias"]),
+            source=spec["source"],
+            device=device,
+            dtype=dtype,
+        )
+        for name, factor_spec in dict(spec.get("factors", {})).items():
+            if name not in ("u", "v"):
+                raise InvalidParameterError(f"factors: unknown factor {name!r}; expected 'u', 'v'")
+            if factor_spec.get("method") != "dense":
+                setattr(layer, name, layer_from_spec(factor_spec, device, dtype))
+        return layer
+
+    def to_spec(self) -> dict[str, object]:
+        spec = super().to_spec()
+        spec["factors"] = {"u": module_spec(self.u), "v": module_spec(self.v)}
+        return spec
+
     @property
     def rank(self) -> int:
         return self.v.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """W = U·V: [out, in], materialized on each access; forward never uses it.
+
+        For code that inspects ``module.weight`` of a Linear (T5 reads its dtype every forward,
+        initializers touch it). Writing into it changes nothing: train the factors instead.
+        """
+        return self.dense_weight()
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The bias, held by the factor ``u``."""
+        return self.u.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.u(self.v(x))

@@ -100,6 +100,13 @@ class PrunedLinear(CompressedLayer):
         self._init_common(in_features, out_features, source)
         self.pattern = normalize_pattern(pattern)
         self.sparsity = resolve_sparsity(self.pattern, sparsity)
+        if self.pattern != UNSTRUCTURED:
+            m = parse_nm_pattern(self.pattern)[1]
+            if in_features % m:
+                raise InvalidParameterError(
+                    f"pattern={self.pattern!r}: N:M groups run along the input dimension, which "
+                    f"must be divisible by {m}; got in_features={in_features}"
+                )
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.zeros(out_features, in_features, **factory))
         self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
@@ -147,6 +154,21 @@ class PrunedLinear(CompressedLayer):
                 layer.bias.copy_(module.bias)
         return layer
 
+    @classmethod
+    def from_spec(
+        cls, spec: dict[str, object], device: torch.device | str | None, dtype: torch.dtype | None
+    ) -> PrunedLinear:
+        return cls(
+            int(spec["in_features"]),
+            int(spec["out_features"]),
+            bool(spec["bias"]),
+            pattern=str(spec["pattern"]),
+            sparsity=spec.get("sparsity"),
+            source=spec["source"],
+            device=device,
+            dtype=dtype,
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight * self.mask, self.bias)
 
@@ -189,5 +211,5 @@ class PrunedLinear(CompressedLayer):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, pattern={self.pattern}, "
-            f"sparsity={self.measured_sparsity():.4f}, source={self.source}"
+            f"sparsity={self.sparsity:.4f}, source={self.source}"
         )

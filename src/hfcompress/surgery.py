@@ -1,0 +1,492 @@
+"""``compress_model``: validate a recipe against a model, then swap its modules.
+
+Two phases. *Planning* walks the recipe over a description of the model's modules (shapes, and
+what each earlier stage would have made of them) and checks every setting: targets that match,
+shapes that divide, ranks that fit, compositions that exist. Nothing is touched until the whole
+recipe passes. *Applying* builds each new module from the current one (weights are copied, never
+shared) and swaps it in; if anything fails midway, every swap is undone, so the model is left
+exactly as it was.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+from tqdm.auto import tqdm
+
+from hfcompress._version import __version__
+from hfcompress.errors import HfCompressError, InvalidParameterError
+from hfcompress.layers import (
+    CompressedLayer,
+    KroneckerLinear,
+    LowRankLinear,
+    PrunedLinear,
+    dense_weight_of,
+    get_layer_class,
+    module_spec,
+    source_kind,
+)
+from hfcompress.recipe import Recipe, RecipeError, Stage
+
+SPEC_FORMAT_VERSION = 1
+QUANT_METHOD = "hfcompress"
+
+# What a stage may act on: a dense module, or the layer an earlier stage made. A low-rank layer
+# is pruned through its factors U and V; other compositions are refused at validation.
+SUPPORTED_COMPOSITIONS = {
+    ("dense", "prune"),
+    ("dense", "lowrank"),
+    ("dense", "kronecker"),
+    ("lowrank", "prune"),
+}
+
+
+@dataclass
+class _Virtual:
+    """What a module would be at some point of the recipe: its kind and dense shape."""
+
+    kind: str  # "dense" or a layer method
+    out_features: int
+    in_features: int
+    rank: int | None = None  # for a low-rank layer, when known before the SVD
+    factors_pruned: bool = False
+
+
+@dataclass
+class _Op:
+    stage_index: int
+    stage: Stage  # with the module's overrides applied
+    module_name: str
+    acts_on: str  # the kind of module the stage meets
+
+
+@dataclass
+class ModuleReport:
+    """One compressed module in a :class:`CompressionReport`."""
+
+    name: str
+    methods: list[str]
+    shape: tuple[int, int]  # [out, in]
+    source: str
+    params_before: int
+    params_after: int  # parameters that can be non-zero
+    settings: dict[str, Any]
+    rel_error: float | None  # ‖W − Ŵ‖_F / ‖W‖_F against the weight before the recipe
+
+
+@dataclass
+class CompressionReport:
+    """What ``compress_model`` did (or, for a dry run, would do); ``print(report)`` shows it."""
+
+    modules: list[ModuleReport] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (module, reason)
+    dry_run: bool = False
+    model_params_before: int = 0
+    model_params_after: int = 0
+
+    @property
+    def params_before(self) -> int:
+        """Parameters of the compressed modules before the recipe."""
+        return sum(m.params_before for m in self.modules)
+
+    @property
+    def params_after(self) -> int:
+        """Non-zero-able parameters of the compressed modules after the recipe."""
+        return sum(m.params_after for m in self.modules)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "dry_run": self.dry_run,
+            "modules": [vars(m) | {"shape": list(m.shape)} for m in self.modules],
+            "skipped": [{"module": n, "reason": r} for n, r in self.skipped],
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "model_params_before": self.model_params_before,
+            "model_params_after": self.model_params_after,
+        }
+
+    def table(self) -> Table:
+        title = "hfcompress: " + ("dry run, nothing changed" if self.dry_run else "compressed")
+        table = Table(title=title)
+        for col in ["module", "method", "W [out, in]", "params before", "params after", "setting"]:
+            table.add_column(col, justify="right" if "params" in col else "left")
+        table.add_column("rel. error", justify="right")
+        for m in self.modules:
+            setting = ", ".join(f"{k}={v}" for k, v in m.settings.items())
+            error = "-" if m.rel_error is None else f"{m.rel_error:.4f}"
+            table.add_row(
+                m.name,
+                "+".join(m.methods),
+                f"[{m.shape[0]}, {m.shape[1]}]",
+                f"{m.params_before:,}",
+                f"{m.params_after:,}",
+                setting,
+                error,
+            )
+        ratio = self.params_before / max(self.params_after, 1)
+        caption = [
+            f"{len(self.modules)} modules: {self.params_before:,} → {self.params_after:,} "
+            f"parameters ({ratio:.2f}x)"
+        ]
+        if self.model_params_before:
+            caption.append(
+                f"whole model: {self.model_params_before:,} → {self.model_params_after:,} "
+                f"({self.model_params_before / max(self.model_params_after, 1):.2f}x)"
+            )
+        caption += [f"skipped {name}: {reason}" for name, reason in self.skipped]
+        table.caption = "\n".join(caption)
+        return table
+
+    def __str__(self) -> str:
+        console = Console(width=160, record=True, file=_NullFile())
+        console.print(self.table())
+        return console.export_text()
+
+
+class _NullFile:
+    def write(self, _: str) -> int:
+        return 0
+
+    def flush(self) -> None:
+        pass
+
+
+def _is_dense(module: nn.Module) -> bool:
+    try:
+        source_kind(module)
+    except HfCompressError:
+        return False
+    return True
+
+
+def _virtual_of(module: nn.Module) -> _Virtual | None:
+    if isinstance(module, CompressedLayer):
+        rank = module.rank if isinstance(module, LowRankLinear) else None
+        pruned = isinstance(module, LowRankLinear) and isinstance(module.u, PrunedLinear)
+        return _Virtual(module.method, module.out_features, module.in_features, rank, pruned)
+    if _is_dense(module):
+        W = dense_weight_of(module)
+        return _Virtual("dense", W.shape[0], W.shape[1])
+    return None
+
+
+def _units(model: nn.Module) -> dict[str, _Virtual]:
+    """Modules a stage may act on: Linear/Conv1D and compressed layers (not their insides)."""
+    units: dict[str, _Virtual] = {}
+    inside: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix + ".") for prefix in inside):
+            continue
+        virtual = _virtual_of(module)
+        if virtual is not None:
+            units[name] = virtual
+            inside.append(name)
+    return units
+
+
+def tied_modules(model: nn.Module) -> dict[str, str]:
+    """Module name -> the module its weight is shared with (e.g. lm_head -> embed_tokens)."""
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor):
+            owners.setdefault(id(weight), []).append(name)
+    tied: dict[str, str] = {}
+    for names in owners.values():
+        for name in names:
+            others = [n for n in names if n != name]
+            if others:
+                tied[name] = others[0]
+    return tied
+
+
+def _excluded(name: str, recipe: Recipe, stage: Stage) -> bool:
+    return any(
+        pattern is not None and re.fullmatch(pattern, name)
+        for pattern in (recipe.exclude, stage.exclude)
+    )
+
+
+def _check_op(op: _Op, virtual: _Virtual) -> _Virtual:
+    """Validate one stage on one module against its shape; return what the module becomes.
+
+    Structural checks reuse the layers' own constructors on the meta device, so a recipe is
+    held to exactly the rules the layers enforce.
+    """
+    method = op.stage.method
+    if (virtual.kind, method) not in SUPPORTED_COMPOSITIONS or virtual.factors_pruned:
+        before = "low-rank with pruned factors" if virtual.factors_pruned else virtual.kind
+        raise InvalidParameterError(
+            f"method: {method!r} after {before!r} is not supported; supported: "
+            "prune, lowrank or kronecker on a dense Linear/Conv1D, and prune after lowrank "
+            "(prunes the factors U and V)"
+        )
+    params = op.stage.layer_params()
+    out_f, in_f = virtual.out_features, virtual.in_features
+    if method == "kronecker":
+        KroneckerLinear(in_f, out_f, params["a_shape"], params["terms"], device="meta")
+        return _Virtual("kronecker", out_f, in_f)
+    if method == "lowrank":
+        rank = params.get("rank")
+        if rank is not None:
+            LowRankLinear(in_f, out_f, rank, device="meta")
+        elif "ratio" in params:
+            rank = max(1, min(int(params["ratio"] * out_f * in_f / (out_f + in_f)), out_f, in_f))
+        return _Virtual("lowrank", out_f, in_f, rank)
+    prune = {"pattern": params["pattern"], "sparsity": params["sparsity"]}
+    if virtual.kind == "lowrank":
+        if virtual.rank is None:
+            # energy-chosen rank: only N:M divisibility of the rank is unknown until the SVD
+            PrunedLinear(in_f, 1, **prune, device="meta")
+        else:
+            PrunedLinear(virtual.rank, out_f, **prune, device="meta")  # U: [out, r]
+            PrunedLinear(in_f, virtual.rank, **prune, device="meta")  # V: [r, in]
+        return _Virtual("lowrank", out_f, in_f, virtual.rank, factors_pruned=True)
+    PrunedLinear(in_f, out_f, **prune, device="meta")
+    return _Virtual("prune", out_f, in_f)
+
+
+def plan_compression(
+    model: nn.Module, recipe: Recipe | dict | str
+) -> tuple[list[_Op], list[tuple[str, str]]]:
+    """Validate the whole recipe against the model without changing it.
+
+    Returns:
+        The operations in order, and the (module, reason) pairs skipped (tied weights).
+
+    Raises:
+        RecipeError: every problem found, each naming the stage, the module and the field.
+    """
+    recipe = Recipe.load(recipe)
+    units = _units(model)
+    tied = tied_modules(model)
+    ops: list[_Op] = []
+    skipped: dict[str, str] = {}
+    errors: list[str] = []
+    for index, stage in enumerate(recipe.stages):
+        where = f"stages[{index}]({stage.method})"
+        matched = [
+            n for n in units if re.fullmatch(stage.targets, n) and not _excluded(n, recipe, stage)
+        ]
+        eligible = []
+        for name in matched:
+            if name in tied:
+                skipped[name] = (
+                    f"weight tied to {tied[name]}; compressing it would untie them "
+                    "(exclude it, or untie the weights first)"
+                )
+            else:
+                eligible.append(name)
+        if not eligible:
+            errors.append(_no_match_message(where, stage.targets, units, matched))
+            continue
+        for name in eligible:
+            op = _Op(index, stage.settings_for(name), name, units[name].kind)
+            try:
+                units[name] = _check_op(op, units[name])
+            except (InvalidParameterError, RecipeError) as error:
+                errors.append(f"{where}, module {name!r}: {error}")
+                continue
+            ops.append(op)
+    if errors:
+        shown = errors[:20] + ([f"... and {len(errors) - 20} more"] if len(errors) > 20 else [])
+        raise RecipeError("recipe does not fit the model:\n  " + "\n  ".join(shown))
+    return ops, list(skipped.items())
+
+
+def _no_match_message(
+    where: str, targets: str, units: dict[str, _Virtual], matched: list[str]
+) -> str:
+    if matched:
+        return f"{where}.targets: {targets!r} matches only tied modules {matched}"
+    examples = list(units)[:6]
+    return (
+        f"{where}.targets: {targets!r} fully matches no Linear/Conv1D or compressed module "
+        f"(re.fullmatch on qualified names); eligible modules look like {examples}"
+    )
+
+
+def _build(op: _Op, current: nn.Module) -> nn.Module:
+    """The module that replaces ``current`` for this operation (``current`` is not modified)."""
+    params = op.stage.layer_params()
+    if op.acts_on == "lowrank" and op.stage.method == "prune":
+        shell = LowRankLinear(
+            current.in_features,
+            current.out_features,
+            current.rank,
+            bias=current.u.bias is not None,
+            source=current.source,
+            device="meta",
+        )
+        shell.u = PrunedLinear.from_module(current.u, **params)
+        shell.v = PrunedLinear.from_module(current.v, **params)
+        return shell
+    return get_layer_class(op.stage.method).from_module(current, **params)
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def _relative_error(original: torch.Tensor, module: nn.Module) -> float:
+    W = original.detach().float()
+    W_hat = dense_weight_of(module).detach().float()
+    return float(torch.linalg.matrix_norm(W - W_hat) / torch.linalg.matrix_norm(W).clamp_min(1e-30))
+
+
+def _params(module: nn.Module) -> int:
+    if isinstance(module, CompressedLayer):
+        if isinstance(module, LowRankLinear):
+            return sum(
+                c.nonzero_param_count()
+                if isinstance(c, CompressedLayer)
+                else sum(p.numel() for p in c.parameters())
+                for c in (module.u, module.v)
+            )
+        return module.nonzero_param_count()
+    return sum(p.numel() for p in module.parameters())
+
+
+def _settings(module: nn.Module) -> dict[str, Any]:
+    spec = module_spec(module)
+    settings = {
+        k: v
+        for k, v in spec.items()
+        if k not in ("method", "in_features", "out_features", "bias", "source", "factors")
+    }
+    if isinstance(module, LowRankLinear) and isinstance(module.u, PrunedLinear):
+        settings.update({f"factor_{k}": v for k, v in module.u.compression_params().items()})
+    return settings
+
+
+def _iterate(ops: list[_Op], progress: bool) -> Iterator[_Op]:
+    return iter(
+        tqdm(
+            ops, desc="hfcompress: decomposing", unit="module", disable=not progress or len(ops) < 2
+        )
+    )
+
+
+def compress_model(
+    model: nn.Module,
+    recipe: Recipe | dict | str,
+    *,
+    dry_run: bool = False,
+    progress: bool = True,
+) -> CompressionReport:
+    """Compress ``model`` in place according to ``recipe``.
+
+    Args:
+        model: any ``transformers.PreTrainedModel`` (or ``nn.Module``) with Linear/Conv1D layers.
+        recipe: a :class:`~hfcompress.recipe.Recipe`, a dict, or a JSON/YAML path.
+        dry_run: compute everything (including reconstruction errors) but change nothing.
+        progress: show a progress bar while decomposing.
+
+    Returns:
+        A :class:`CompressionReport`; ``print(report)`` shows the per-module table.
+
+    Raises:
+        RecipeError: the recipe does not parse or does not fit the model (nothing is changed).
+        HfCompressError: a decomposition failed while applying; every change is undone.
+
+    Example:
+        >>> report = compress_model(model, {"stages": [
+        ...     {"method": "lowrank", "targets": r".*mlp\\..*", "ratio": 0.5}]})
+        >>> print(report)
+    """
+    ops, skipped = plan_compression(model, recipe)
+    report = CompressionReport(skipped=skipped, dry_run=dry_run)
+    report.model_params_before = _model_params(model)
+    current: dict[str, nn.Module] = {}  # module name -> its latest replacement
+    originals: dict[str, nn.Module] = {}
+    methods: dict[str, list[str]] = {}
+    undo: list[tuple[str, nn.Module]] = []
+    try:
+        with torch.no_grad():
+            for op in _iterate(ops, progress):
+                module = current.get(op.module_name) or model.get_submodule(op.module_name)
+                originals.setdefault(op.module_name, module)
+                new = _build(op, module)
+                current[op.module_name] = new
+                methods.setdefault(op.module_name, []).append(op.stage.method)
+                if not dry_run:
+                    undo.append((op.module_name, module))
+                    _set_module(model, op.module_name, new)
+    except Exception as error:
+        for name, module in reversed(undo):
+            _set_module(model, name, module)
+        raise HfCompressError(
+            f"compress_model: failed on module {op.module_name!r} in stages[{op.stage_index}] "
+            f"({op.stage.method}); the model was restored unchanged: {error}"
+        ) from error
+    for name, new in current.items():
+        original = originals[name]
+        W = dense_weight_of(original)
+        report.modules.append(
+            ModuleReport(
+                name=name,
+                methods=methods[name],
+                shape=(W.shape[0], W.shape[1]),
+                source=new.source,
+                params_before=_params(original),
+                params_after=_params(new),
+                settings=_settings(new),
+                rel_error=_relative_error(W, new),
+            )
+        )
+    saved = sum(m.params_before - m.params_after for m in report.modules)
+    report.model_params_after = report.model_params_before - saved
+    if not dry_run:
+        record_compression(model)
+    return report
+
+
+def _model_params(model: nn.Module) -> int:
+    """Parameters of the model, counting only entries of pruned weights that can be non-zero."""
+    total = 0
+    for module in model.modules():
+        if isinstance(module, PrunedLinear):
+            total += module.nonzero_param_count()
+        else:
+            total += sum(p.numel() for p in module.parameters(recurse=False))
+    return total
+
+
+def compression_spec(model: nn.Module) -> dict[str, Any]:
+    """Per-module structure of every compressed layer: {qualified name: layer spec}."""
+    specs: dict[str, Any] = {}
+    inside: list[str] = []
+    for name, module in model.named_modules():
+        if isinstance(module, CompressedLayer) and not any(
+            name.startswith(p + ".") for p in inside
+        ):
+            specs[name] = module.to_spec()
+            inside.append(name)
+    return specs
+
+
+def record_compression(model: nn.Module) -> None:
+    """Write the current structure into ``model.config.quantization_config``.
+
+    ``save_pretrained`` stores it in ``config.json``, and ``from_pretrained`` (after
+    ``import hfcompress``) rebuilds the modules from it. Call this after changing a layer's
+    structure outside ``compress_model`` (the training callbacks do, after ``truncate``).
+    """
+    config = getattr(model, "config", None)
+    if config is None:
+        return
+    specs = compression_spec(model)
+    config.quantization_config = {
+        "quant_method": QUANT_METHOD,
+        "format_version": SPEC_FORMAT_VERSION,
+        "hfcompress_version": __version__,
+        "modules": specs,
+    }
