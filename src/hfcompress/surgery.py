@@ -11,7 +11,7 @@ exactly as it was.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +37,17 @@ from hfcompress.recipe import Recipe, RecipeError, Stage
 
 SPEC_FORMAT_VERSION = 1
 QUANT_METHOD = "hfcompress"
+
+# Called with the model after record_compression; the HF integration registers itself here, so
+# that this module does not depend on it (imports point from serialization to surgery).
+_RECORD_HOOKS: list[Callable[[nn.Module], None]] = []
+
+
+def register_record_hook(hook: Callable[[nn.Module], None]) -> None:
+    """Run ``hook(model)`` whenever a model's compression is recorded in its config."""
+    if hook not in _RECORD_HOOKS:
+        _RECORD_HOOKS.append(hook)
+
 
 # What a stage may act on: a dense module, or the layer an earlier stage made. A low-rank layer
 # is pruned through its factors U and V; other compositions are refused at validation.
@@ -490,3 +501,5 @@ def record_compression(model: nn.Module) -> None:
         "hfcompress_version": __version__,
         "modules": specs,
     }
+    for hook in _RECORD_HOOKS:
+        hook(model)

@@ -1,0 +1,455 @@
+"""Compressed checkpoints through the ordinary ``save_pretrained`` / ``from_pretrained``.
+
+Integration goes through transformers' public quantizer extension points only:
+``register_quantization_config`` and ``register_quantizer`` under the name ``"hfcompress"``.
+
+* ``config.json`` carries ``quantization_config = {"quant_method": "hfcompress",
+  "format_version", "hfcompress_version", "modules": {name: layer spec}}``.
+* Tensors keep the compressed modules' own names (``mlp.c_fc.u.weight``, ``o_proj.A``), except
+  pruned weights, stored compactly as their non-zero values and a bitmask:
+  ``<p>.weight`` = values [nnz] (1-D, weight dtype, row-major order) and
+  ``<p>.weight_bitmask`` = uint8 [out, ⌈in/8⌉] (bit j of byte b in row r is mask[r, 8b + j]).
+  At 50% sparsity in fp32 that is 4·0.5 + 1/8 bytes per weight: 0.53× dense.
+* A low-rank or Kronecker module also gets an empty ``<p>.weight`` marker.
+
+Why the dense key ``<p>.weight`` always holds something that cannot fit a dense layer: loading
+without ``import hfcompress``, transformers only warns "Unknown quantization type, got
+hfcompress" and would build a dense model with random weights. With the marker it raises a
+size-mismatch error instead, right after that warning. With hfcompress imported, the quantizer
+rebuilds the modules before the weights load, the values and bitmask are decoded by a
+``WeightConverter``, and the markers are ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+from transformers import ConversionOps, WeightConverter
+from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from hfcompress._version import __version__
+from hfcompress.errors import HfCompressError
+from hfcompress.layers import (
+    CompressedLayer,
+    KroneckerLinear,
+    LowRankLinear,
+    PrunedLinear,
+    layer_from_spec,
+    source_kind,
+)
+from hfcompress.surgery import (
+    QUANT_METHOD,
+    SPEC_FORMAT_VERSION,
+    compression_spec,
+    register_record_hook,
+)
+
+BITMASK_SUFFIX = "weight_bitmask"
+MARKER = "weight"  # the dense key that a low-rank / Kronecker module fills with an empty tensor
+
+
+class CheckpointError(HfCompressError, ValueError):
+    """A compressed checkpoint that does not match its config: names the file, module or field."""
+
+
+# --- bitmask packing ------------------------------------------------------------------------------
+
+
+def pack_bitmask(mask: torch.Tensor) -> torch.Tensor:
+    """bool [out, in] -> uint8 [out, ⌈in/8⌉]; bit j of byte b holds column 8b + j."""
+    out_features, in_features = mask.shape
+    n_bytes = math.ceil(in_features / 8)
+    padded = torch.zeros(out_features, n_bytes * 8, dtype=torch.uint8, device=mask.device)
+    padded[:, :in_features] = mask
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=mask.device)
+    return (padded.view(out_features, n_bytes, 8) * weights).sum(-1, dtype=torch.uint8)
+
+
+def unpack_bitmask(packed: torch.Tensor, in_features: int) -> torch.Tensor:
+    """uint8 [out, ⌈in/8⌉] -> bool [out, in], the inverse of :func:`pack_bitmask`."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    bits = ((packed.unsqueeze(-1) >> shifts) & 1).reshape(packed.shape[0], -1).bool()
+    return bits[:, :in_features].contiguous()
+
+
+def sparse_encode(weight: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W [out, in], mask) -> (values [nnz] in row-major order, packed bitmask)."""
+    return weight.detach()[mask].contiguous(), pack_bitmask(mask)
+
+
+def sparse_decode(
+    values: torch.Tensor, packed: torch.Tensor, in_features: int, name: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, packed bitmask) -> (W [out, in] with zeros where pruned, mask)."""
+    if (
+        packed.dtype != torch.uint8
+        or packed.ndim != 2
+        or packed.shape[1] != math.ceil(in_features / 8)
+    ):
+        raise CheckpointError(
+            f"{name}.{BITMASK_SUFFIX}: expected uint8 [out, {math.ceil(in_features / 8)}], "
+            f"got {packed.dtype} {list(packed.shape)}"
+        )
+    mask = unpack_bitmask(packed, in_features)
+    if values.ndim != 1 or values.numel() != int(mask.sum()):
+        raise CheckpointError(
+            f"{name}.weight: expected {int(mask.sum())} values (the bitmask's set bits), "
+            f"got shape {list(values.shape)}"
+        )
+    weight = values.new_zeros(mask.shape)
+    weight[mask] = values
+    return weight, mask
+
+
+class _DecodeSparse(ConversionOps):
+    """[<p>.weight (values), <p>.weight_bitmask] -> {<p>.weight [out, in], <p>.mask}."""
+
+    # Two sources to two targets. No ``hf_quantizer`` attribute on purpose: with one,
+    # transformers would skip casting the values to the requested load dtype.
+    supports_many_to_many = True
+
+    def __init__(self, module_name: str, in_features: int) -> None:
+        self.module_name = module_name
+        self.in_features = in_features
+
+    def convert(
+        self,
+        input_dict: dict[str, list[torch.Tensor]],
+        source_patterns: list[str] | None = None,
+        target_patterns: list[str] | None = None,
+        full_layer_name: str | None = None,
+        **kwargs: Any,
+    ) -> dict[str, torch.Tensor]:
+        values = input_dict.get(source_patterns[0])
+        packed = input_dict.get(source_patterns[1])
+        if not values or not packed:
+            raise CheckpointError(
+                f"{self.module_name}: a pruned layer needs both 'weight' values and "
+                f"'{BITMASK_SUFFIX}' in the checkpoint; found {sorted(input_dict)}"
+            )
+        weight, mask = sparse_decode(values[0], packed[0], self.in_features, self.module_name)
+        prefix = full_layer_name.rpartition(".")[0]
+        return {f"{prefix}.weight": weight, f"{prefix}.mask": mask}
+
+    @property
+    def reverse_op(self) -> ConversionOps:
+        return _EncodeSparse(self.module_name, self.in_features)
+
+
+class _EncodeSparse(ConversionOps):
+    """The reverse, used if transformers reverts conversions when saving a loaded model."""
+
+    supports_many_to_many = True
+
+    def __init__(self, module_name: str, in_features: int) -> None:
+        self.module_name = module_name
+        self.in_features = in_features
+
+    def convert(
+        self,
+        input_dict: dict[str, list[torch.Tensor]],
+        source_patterns: list[str] | None = None,
+        target_patterns: list[str] | None = None,
+        full_layer_name: str | None = None,
+        **kwargs: Any,
+    ) -> dict[str, torch.Tensor]:
+        prefix = full_layer_name.rpartition(".")[0]
+        weight = input_dict[source_patterns[0]][0]
+        masks = input_dict.get(source_patterns[1])
+        if not masks:
+            # Saving a loaded model: the quantizer's state dict is already in the on-disk form
+            # (1-D values; the bitmask key does not match this converter and passes through).
+            return {f"{prefix}.weight": weight}
+        values, packed = sparse_encode(weight, masks[0])
+        return {f"{prefix}.weight": values, f"{prefix}.{BITMASK_SUFFIX}": packed}
+
+    @property
+    def reverse_op(self) -> ConversionOps:
+        return _DecodeSparse(self.module_name, self.in_features)
+
+
+def _sparse_converter(module_name: str, in_features: int) -> WeightConverter:
+    """Decode ``<module>.weight`` + ``<module>.weight_bitmask`` into ``weight`` and ``mask``.
+
+    Sources match the module name after the start or a dot (a zero-width look-behind, so a
+    checkpoint key carrying a head's base-model prefix still matches and keeps its prefix);
+    transformers appends a word boundary, so ``weight`` never matches ``weight_bitmask``.
+    Targets are literal names, which is how transformers uses them.
+    """
+    name = re.escape(module_name)
+    boundary = r"(?<![^.])"
+    return WeightConverter(
+        source_patterns=[rf"{boundary}{name}\.weight", rf"{boundary}{name}\.{BITMASK_SUFFIX}"],
+        target_patterns=[rf"{name}\.weight", rf"{name}\.mask"],
+        operations=[_DecodeSparse(module_name, in_features)],
+    )
+
+
+# --- config and quantizer -------------------------------------------------------------------------
+
+
+@register_quantization_config(QUANT_METHOD)
+class HfCompressConfig(QuantizationConfigMixin):
+    """``quantization_config`` of an hfcompress checkpoint: the per-module layer specs.
+
+    Args:
+        modules: {qualified module name: layer spec}, as ``CompressedLayer.to_spec()`` writes.
+        format_version: the spec format; newer than this library reads is an error.
+        hfcompress_version: the library version that wrote it (informational).
+    """
+
+    def __init__(
+        self,
+        modules: dict[str, dict[str, Any]] | None = None,
+        format_version: int = SPEC_FORMAT_VERSION,
+        hfcompress_version: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.pop("quant_method", None)
+        if kwargs:
+            warnings.warn(
+                f"quantization_config: ignoring unknown hfcompress keys {sorted(kwargs)} "
+                "(written by a newer hfcompress?)",
+                stacklevel=2,
+            )
+        if not isinstance(format_version, int) or format_version > SPEC_FORMAT_VERSION:
+            raise CheckpointError(
+                f"config.json quantization_config.format_version={format_version!r}: this "
+                f"hfcompress {__version__} reads format ≤ {SPEC_FORMAT_VERSION}; upgrade hfcompress"
+            )
+        if not isinstance(modules, dict):
+            raise CheckpointError(
+                f"config.json quantization_config.modules: expected a mapping of module names "
+                f"to layer specs, got {type(modules).__name__}"
+            )
+        self.quant_method = QUANT_METHOD
+        self.format_version = format_version
+        self.hfcompress_version = hfcompress_version or __version__
+        self.modules = modules
+
+
+def _pruned_layers(model: nn.Module) -> dict[str, PrunedLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, PrunedLinear)}
+
+
+def _resolve(model: nn.Module, name: str) -> str:
+    """The model's own name for a module named ``name`` in the checkpoint (head prefixes differ)."""
+    names = dict(model.named_modules())
+    prefix = getattr(model, "base_model_prefix", "")
+    for candidate in (name, name.removeprefix(prefix + "."), f"{prefix}.{name}"):
+        if candidate in names:
+            return candidate
+    raise CheckpointError(
+        f"config.json quantization_config.modules names {name!r}, which is not a module of "
+        f"{type(model).__name__}"
+    )
+
+
+def _read_headers(files: Iterable[str]) -> dict[str, tuple[str, list[int], str]]:
+    """Key -> (dtype, shape, file) for every tensor, from the safetensors headers only."""
+    headers: dict[str, tuple[str, list[int], str]] = {}
+    for file in files:
+        if not str(file).endswith(".safetensors"):
+            raise CheckpointError(
+                f"{file}: hfcompress checkpoints load from safetensors only (never unpickled)"
+            )
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                for key in handle.keys():
+                    tensor_slice = handle.get_slice(key)
+                    headers[key] = (tensor_slice.get_dtype(), tensor_slice.get_shape(), str(file))
+        except (SafetensorError, OSError) as error:
+            raise CheckpointError(f"{file}: unreadable safetensors file ({error})") from error
+    return headers
+
+
+def expected_tensors(name: str, layer: CompressedLayer) -> dict[str, list[int] | None]:
+    """Checkpoint keys of one rebuilt layer -> expected shape (None: 1-D, length unknown)."""
+    expected: dict[str, list[int] | None] = {}
+    for key, tensor in layer.state_dict().items():
+        expected[f"{name}.{key}"] = list(tensor.shape)
+    for sub, module in layer.named_modules():
+        if isinstance(module, PrunedLinear):
+            prefix = f"{name}.{sub}".rstrip(".")
+            del expected[f"{prefix}.mask"]
+            expected[f"{prefix}.weight"] = None
+            expected[f"{prefix}.{BITMASK_SUFFIX}"] = [
+                module.out_features,
+                math.ceil(module.in_features / 8),
+            ]
+    if isinstance(layer, (LowRankLinear, KroneckerLinear)):
+        expected[f"{name}.{MARKER}"] = [0]
+    return expected
+
+
+def _check_tensors(
+    spec_name: str,
+    expected: dict[str, list[int] | None],
+    headers: dict[str, tuple[str, list[int], str]],
+) -> None:
+    prefix_len = len(spec_name)
+    for key, shape in expected.items():
+        found = headers.get(key)
+        if found is None:
+            # the checkpoint may carry the head's base-model prefix, or lack it
+            suffix = key[prefix_len:]
+            found = next((v for k, v in headers.items() if k.endswith(spec_name + suffix)), None)
+        if found is None:
+            raise CheckpointError(
+                f"checkpoint lacks tensor {key!r} for compressed module {spec_name!r} "
+                "(config.json quantization_config describes it)"
+            )
+        _, got, file = found
+        if (shape is None and len(got) != 1) or (shape is not None and got != shape):
+            want = "1-D values" if shape is None else str(shape)
+            raise CheckpointError(f"{file}: tensor {key!r} has shape {got}, expected {want}")
+
+
+@register_quantizer(QUANT_METHOD)
+class HfCompressQuantizer(HfQuantizer):
+    """Rebuilds hfcompress modules before ``from_pretrained`` loads their weights."""
+
+    requires_calibration = True  # compressing happens in compress_model, never at load time
+
+    def __init__(self, quantization_config: HfCompressConfig, **kwargs: Any) -> None:
+        super().__init__(quantization_config, **kwargs)
+        self._converters: list[WeightConverter] = []
+
+    def _process_model_before_weight_loading(
+        self, model: nn.Module, checkpoint_files: list[str] | None = None, **kwargs: Any
+    ) -> nn.Module:
+        headers = _read_headers(checkpoint_files) if checkpoint_files else None
+        dtype = torch.get_default_dtype()  # from_pretrained builds the model under the load dtype
+        tied = {
+            k
+            for pair in (getattr(model, "all_tied_weights_keys", None) or {}).items()
+            for k in pair
+        }
+        plan = []
+        for spec_name, spec in self.quantization_config.modules.items():
+            name = _resolve(model, spec_name)
+            dense = model.get_submodule(name)
+            try:
+                source_kind(dense)
+            except HfCompressError as error:
+                raise CheckpointError(
+                    f"config.json quantization_config.modules[{spec_name!r}]: {error}"
+                ) from error
+            if f"{name}.weight" in tied:
+                raise CheckpointError(
+                    f"config.json quantization_config.modules[{spec_name!r}]: its weight is tied; "
+                    "hfcompress never compresses tied weights"
+                )
+            try:
+                layer = layer_from_spec(spec, dtype=dtype)
+            except (HfCompressError, ValueError) as error:
+                raise CheckpointError(
+                    f"config.json quantization_config.modules[{spec_name!r}]: {error}"
+                ) from error
+            if headers is not None:
+                _check_tensors(spec_name, expected_tensors(spec_name, layer), headers)
+            plan.append((name, layer))
+        # every spec checked: only now change the model
+        for name, layer in plan:
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+        self._converters = [
+            _sparse_converter(name, module.in_features)
+            for name, module in _pruned_layers(model).items()
+        ]
+        markers = {
+            re.escape(n) + r"\." + MARKER + "$"
+            for n, m in model.named_modules()
+            if isinstance(m, (LowRankLinear, KroneckerLinear))
+        }
+        model._keys_to_ignore_on_load_unexpected = (
+            set(model._keys_to_ignore_on_load_unexpected or ()) | markers
+        )
+        return model
+
+    def get_weight_conversions(self) -> list[WeightConverter]:
+        return list(self._converters)
+
+    def get_state_dict_and_metadata(
+        self, model: nn.Module
+    ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        return compact_state_dict(model), {"hfcompress_version": __version__}
+
+    def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+    @property
+    def is_qat_trainable(self) -> bool:
+        # compressed layers are ordinary trainable modules: Trainer may fine-tune them
+        return True
+
+
+def compact_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` in the on-disk form: pruned weights as values + bitmask, markers."""
+    state = model.state_dict()
+    for name in _pruned_layers(model):
+        weight, mask = state.pop(f"{name}.weight"), state.pop(f"{name}.mask")
+        state[f"{name}.weight"], state[f"{name}.{BITMASK_SUFFIX}"] = sparse_encode(weight, mask)
+    for name, module in model.named_modules():
+        if isinstance(module, (LowRankLinear, KroneckerLinear)):
+            state[f"{name}.{MARKER}"] = torch.zeros(0, dtype=torch.uint8)
+    return state
+
+
+def attach_quantizer(model: nn.Module) -> None:
+    """Make an in-memory compressed model save like a loaded one (compact sparse tensors)."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(model, "save_pretrained"):
+        return
+    spec = config.quantization_config
+    if isinstance(spec, dict):
+        spec = HfCompressConfig(**spec)
+        config.quantization_config = spec
+    model.hf_quantizer = HfCompressQuantizer(spec, pre_quantized=True)
+
+
+register_record_hook(attach_quantizer)
+
+
+def decompress(model: nn.Module) -> nn.Module:
+    """Replace every hfcompress layer by the dense module it stands for, in place.
+
+    The result is a plain transformers model (``nn.Linear`` / ``Conv1D`` in their original
+    layouts, no ``quantization_config``) that saves and loads anywhere without hfcompress.
+    Returns the model.
+    """
+    for name in list(compression_spec(model)):
+        layer = model.get_submodule(name)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer.to_dense())
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "quantization_config"):
+        del config.quantization_config
+    if hasattr(model, "hf_quantizer"):
+        model.hf_quantizer = None
+    if hasattr(model, "is_quantized"):
+        model.is_quantized = False
+    return model
+
+
+def is_hfcompress_checkpoint(path: str | Path) -> bool:
+    """Whether ``path/config.json`` describes an hfcompress checkpoint."""
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return False
+    data = json.loads(config.read_text(encoding="utf-8"))
+    return (data.get("quantization_config") or {}).get("quant_method") == QUANT_METHOD
