@@ -18,20 +18,15 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_demo_prints_summary_table():
+def test_demo_prints_summary_table_and_round_trips():
     result = run_cli("demo")
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    for needle in [
-        "PrunedLinear",
-        "LowRankLinear",
-        "KroneckerLinear",
-        "params before",
-        "rel. error",
-    ]:
+    for needle in ["lowrank+prune", "kronecker", "2:4", "params before", "rel. error"]:
         assert needle in out
     assert out.count("transformer.h.") == 16  # 4 blocks x 4 matrices
-    assert "model parameters (non-zero): 3,448,320 →" in out
+    assert "16 modules: 3,154,944 →" in out
+    assert "identical logits" in out
 
 
 def test_shapes_table_matches_kronecker_shapes():

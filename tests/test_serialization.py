@@ -300,3 +300,38 @@ def test_trainer_accepts_in_memory_and_loaded_compressed_models(tmp_path):
         assert not torch.equal(before, after)
         pruned = candidate.transformer.h[0].attn.c_attn
         assert torch.all(pruned.weight[~pruned.mask] == 0)
+
+
+def test_push_to_hub_writes_the_same_checkpoint(tmp_path, monkeypatch):
+    """push_to_hub saves through save_pretrained; the hub calls are redirected to a local folder."""
+    import shutil
+    from types import SimpleNamespace
+
+    import transformers.utils.hub as hub
+
+    model, inputs = compressed("llama", tmp_path / "saved")
+    remote = tmp_path / "remote"
+
+    class FakeCard:
+        def save(self, path: str) -> None:
+            Path(path).write_text("model card")
+
+    monkeypatch.setattr(
+        hub,
+        "hf_api",
+        lambda: SimpleNamespace(create_repo=lambda repo_id, **_: SimpleNamespace(repo_id=repo_id)),
+    )
+    monkeypatch.setattr(hub, "create_and_tag_model_card", lambda *args, **kwargs: FakeCard())
+    monkeypatch.setattr(
+        type(model),
+        "_upload_modified_files",
+        lambda self, folder, repo_id, **_: shutil.copytree(folder, remote),
+    )
+    model.push_to_hub("someone/compressed-llama")
+    with (
+        safe_open(str(remote / "model.safetensors"), "pt") as pushed,
+        safe_open(str(tmp_path / "saved" / "model.safetensors"), "pt") as saved,
+    ):
+        assert set(pushed.keys()) == set(saved.keys())
+    reloaded = AutoModelForCausalLM.from_pretrained(remote)
+    assert torch.equal(model_output(reloaded, inputs), model_output(model, inputs))

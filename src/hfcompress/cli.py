@@ -9,31 +9,35 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.table import Table
-from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from hfcompress._version import __version__
 from hfcompress.decompose import kronecker_shapes
 from hfcompress.errors import HfCompressError
-from hfcompress.layers import (
-    CompressedLayer,
-    KroneckerLinear,
-    LowRankLinear,
-    PrunedLinear,
-    dense_weight_of,
-)
+from hfcompress.surgery import compress_model
 
-# The demo's default recipe, per module-name suffix in each GPT-2 block.
-DEMO_RECIPE: dict[str, tuple[type[CompressedLayer], dict[str, object]]] = {
-    "attn.c_attn": (PrunedLinear, {"sparsity": 0.5}),
-    "attn.c_proj": (PrunedLinear, {"pattern": "2:4"}),
-    "mlp.c_fc": (LowRankLinear, {"ratio": 0.5}),
-    "mlp.c_proj": (KroneckerLinear, {"a_shape": (64, 256), "terms": 2}),
+# The demo's default recipe: one stage per method, and a composed one (prune the low-rank factors).
+DEMO_RECIPE: dict[str, object] = {
+    "stages": [
+        {"method": "lowrank", "targets": r"transformer\.h\.\d+\.mlp\.c_fc", "ratio": 0.5},
+        {"method": "prune", "targets": r"transformer\.h\.\d+\.mlp\.c_fc", "sparsity": 0.3},
+        {
+            "method": "kronecker",
+            "targets": r"transformer\.h\.\d+\.mlp\.c_proj",
+            "a_shape": [64, 256],
+            "terms": 2,
+        },
+        {"method": "prune", "targets": r"transformer\.h\.\d+\.attn\.c_attn", "sparsity": 0.5},
+        {"method": "prune", "targets": r"transformer\.h\.\d+\.attn\.c_proj", "pattern": "2:4"},
+    ],
+    "exclude": "lm_head",
 }
 
 
@@ -52,78 +56,50 @@ def demo_model(seed: int = 0) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(config).eval()
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name), child, new)
+def _folder_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.glob("*.safetensors")) / 1e6
 
 
-def run_demo(console: Console, seed: int = 0) -> Table:
-    """Compress the demo model in place and return the per-module summary table."""
+def run_demo(console: Console, seed: int = 0) -> None:
+    """Compress the demo model with ``DEMO_RECIPE``, print the report, check a round trip."""
     model = demo_model(seed)
     tokens = torch.randint(
         0, model.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(seed)
     )
     with torch.no_grad():
         dense_logits = model(tokens).logits
-    table = Table(title="hfcompress demo: GPT-2 (4 layers, width 256) from a config")
-    for col, justify in [
-        ("module", "left"),
-        ("method", "left"),
-        ("W [out, in]", "left"),
-        ("params before", "right"),
-        ("params after", "right"),
-        ("setting", "left"),
-        ("rel. error ‖W−Ŵ‖/‖W‖", "right"),
-    ]:
-        table.add_column(col, justify=justify)
-    targets = [
-        (name, module)
-        for name, module in model.named_modules()
-        if any(name.endswith(suffix) for suffix in DEMO_RECIPE)
-    ]
-    total_before = sum(p.numel() for p in model.parameters())
-    with console.status("decomposing layers"):
-        for name, module in targets:
-            suffix = next(s for s in DEMO_RECIPE if name.endswith(s))
-            cls, params = DEMO_RECIPE[suffix]
-            W = dense_weight_of(module).detach()
-            layer = cls.from_module(module, **params)
-            _replace(model, name, layer)
-            error = (
-                torch.linalg.matrix_norm(W - layer.dense_weight().detach())
-                / torch.linalg.matrix_norm(W)
-            ).item()
-            before = module.weight.numel() + module.bias.numel()
-            table.add_row(
-                name,
-                cls.__name__,
-                f"[{W.shape[0]}, {W.shape[1]}]",
-                f"{before:,}",
-                f"{layer.nonzero_param_count():,}",
-                ", ".join(f"{k}={v}" for k, v in layer.compression_params().items()),
-                f"{error:.3f}",
-            )
-    total_after = sum(
-        m.nonzero_param_count() for m in model.modules() if isinstance(m, CompressedLayer)
-    )
-    total_after += sum(
-        p.numel()
-        for n, p in model.named_parameters()
-        if not any(n.startswith(t + ".") for t, _ in targets)
-    )
-    with torch.no_grad():
-        logits = model(tokens).logits
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(Path(tmp) / "dense")
+        dense_mb = _folder_mb(Path(tmp) / "dense")
+        report = compress_model(model, DEMO_RECIPE)
+        table = report.table()
+        table.title = (
+            "hfcompress demo: GPT-2 (4 layers, width 256) built from a config, random weights"
+        )
+        console.print(table)
+        with torch.no_grad():
+            logits = model(tokens).logits
+        with console.status("saving and reloading"):
+            model.save_pretrained(Path(tmp) / "compressed")
+            reloaded = AutoModelForCausalLM.from_pretrained(Path(tmp) / "compressed").eval()
+            with torch.no_grad():
+                same = torch.equal(reloaded(tokens).logits, logits)
+        compressed_mb = _folder_mb(Path(tmp) / "compressed")
     drift = ((logits - dense_logits).norm() / dense_logits.norm()).item()
-    table.caption = (
-        f"model parameters (non-zero): {total_before:,} → {total_after:,} "
-        f"({total_before / total_after:.2f}x); relative logit change {drift:.3f} "
-        "(untrained, random weights)"
+    console.print(
+        f"checkpoint: {dense_mb:.2f} MB dense → {compressed_mb:.2f} MB compressed "
+        f"({compressed_mb / dense_mb:.2f}x); reloaded with AutoModelForCausalLM.from_pretrained: "
+        f"{'identical logits' if same else 'LOGITS DIFFER'}"
     )
-    return table
+    console.print(
+        f"relative logit change from compression: {drift:.3f} (random weights, no training)"
+    )
+    if not same:
+        raise HfCompressError("demo: the reloaded model's logits differ from the saved model's")
 
 
 def cmd_demo(args: argparse.Namespace, console: Console) -> int:
-    console.print(run_demo(console, seed=args.seed))
+    run_demo(console, seed=args.seed)
     return 0
 
 
