@@ -26,8 +26,8 @@ from transformers import (
 
 from conftest import BLOCK_LINEARS, model_output, tiny_inputs, tiny_model
 from hfcompress import CheckpointError, compress_model, decompress
+from hfcompress.decompose import pack_bitmask, unpack_bitmask
 from hfcompress.layers import CompressedLayer, LowRankLinear, PrunedLinear
-from hfcompress.serialization import pack_bitmask, unpack_bitmask
 
 AUTO = {"t5": AutoModelForSeq2SeqLM, "bert": AutoModelForSequenceClassification}
 KRON = r".*(o_proj|out_proj|\.o|attn\.c_proj|attention\.output\.dense)$"
@@ -335,3 +335,28 @@ def test_push_to_hub_writes_the_same_checkpoint(tmp_path, monkeypatch):
         assert set(pushed.keys()) == set(saved.keys())
     reloaded = AutoModelForCausalLM.from_pretrained(remote)
     assert torch.equal(model_output(reloaded, inputs), model_output(model, inputs))
+
+
+def test_load_state_dict_accepts_on_disk_form_and_follows_saved_rank():
+    """What Trainer(resume_from_checkpoint=...) relies on: a plain load_state_dict of a checkpoint."""
+    from hfcompress.serialization import compact_state_dict
+
+    def build(rank: int):
+        model = tiny_model("llama")
+        recipe = {
+            "stages": [
+                {"method": "lowrank", "targets": r".*mlp.*", "rank": rank},
+                {"method": "prune", "targets": r".*(mlp|q_proj).*", "sparsity": 0.5},
+                {"method": "kronecker", "targets": r".*o_proj", "a_shape": [8, 8]},
+            ]
+        }
+        compress_model(model, recipe, progress=False)
+        return model
+
+    saved, fresh = build(rank=8), build(rank=16)
+    state = compact_state_dict(saved)
+    assert state["model.layers.0.self_attn.q_proj.weight"].ndim == 1  # really the on-disk form
+    fresh.load_state_dict(state, strict=True)
+    assert fresh.model.layers[0].mlp.up_proj.rank == 8
+    inputs = tiny_inputs("llama", saved)
+    assert torch.equal(model_output(fresh, inputs), model_output(saved, inputs))

@@ -47,6 +47,7 @@ from hfcompress.layers import (
     layer_from_spec,
     source_kind,
 )
+from hfcompress.layers.pruned import BITMASK_SUFFIX, sparse_decode, sparse_encode
 from hfcompress.surgery import (
     QUANT_METHOD,
     SPEC_FORMAT_VERSION,
@@ -54,7 +55,6 @@ from hfcompress.surgery import (
     register_record_hook,
 )
 
-BITMASK_SUFFIX = "weight_bitmask"
 MARKER = "weight"  # the dense key that a low-rank / Kronecker module fills with an empty tensor
 
 
@@ -63,52 +63,6 @@ class CheckpointError(HfCompressError, ValueError):
 
 
 # --- bitmask packing ------------------------------------------------------------------------------
-
-
-def pack_bitmask(mask: torch.Tensor) -> torch.Tensor:
-    """bool [out, in] -> uint8 [out, ⌈in/8⌉]; bit j of byte b holds column 8b + j."""
-    out_features, in_features = mask.shape
-    n_bytes = math.ceil(in_features / 8)
-    padded = torch.zeros(out_features, n_bytes * 8, dtype=torch.uint8, device=mask.device)
-    padded[:, :in_features] = mask
-    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=mask.device)
-    return (padded.view(out_features, n_bytes, 8) * weights).sum(-1, dtype=torch.uint8)
-
-
-def unpack_bitmask(packed: torch.Tensor, in_features: int) -> torch.Tensor:
-    """uint8 [out, ⌈in/8⌉] -> bool [out, in], the inverse of :func:`pack_bitmask`."""
-    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
-    bits = ((packed.unsqueeze(-1) >> shifts) & 1).reshape(packed.shape[0], -1).bool()
-    return bits[:, :in_features].contiguous()
-
-
-def sparse_encode(weight: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W [out, in], mask) -> (values [nnz] in row-major order, packed bitmask)."""
-    return weight.detach()[mask].contiguous(), pack_bitmask(mask)
-
-
-def sparse_decode(
-    values: torch.Tensor, packed: torch.Tensor, in_features: int, name: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values, packed bitmask) -> (W [out, in] with zeros where pruned, mask)."""
-    if (
-        packed.dtype != torch.uint8
-        or packed.ndim != 2
-        or packed.shape[1] != math.ceil(in_features / 8)
-    ):
-        raise CheckpointError(
-            f"{name}.{BITMASK_SUFFIX}: expected uint8 [out, {math.ceil(in_features / 8)}], "
-            f"got {packed.dtype} {list(packed.shape)}"
-        )
-    mask = unpack_bitmask(packed, in_features)
-    if values.ndim != 1 or values.numel() != int(mask.sum()):
-        raise CheckpointError(
-            f"{name}.weight: expected {int(mask.sum())} values (the bitmask's set bits), "
-            f"got shape {list(values.shape)}"
-        )
-    weight = values.new_zeros(mask.shape)
-    weight[mask] = values
-    return weight, mask
 
 
 class _DecodeSparse(ConversionOps):

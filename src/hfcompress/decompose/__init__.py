@@ -12,7 +12,13 @@ from hfcompress.decompose.kronecker import (
     kronecker_sum,
     nearest_kronecker,
 )
-from hfcompress.decompose.masks import magnitude_mask, nm_mask, parse_nm_pattern
+from hfcompress.decompose.masks import (
+    magnitude_mask,
+    nm_mask,
+    pack_bitmask,
+    parse_nm_pattern,
+    unpack_bitmask,
+)
 from hfcompress.decompose.svd import (
     low_rank_error,
     rank_for_energy,
@@ -31,9 +37,11 @@ __all__ = [
     "magnitude_mask",
     "nearest_kronecker",
     "nm_mask",
+    "pack_bitmask",
     "parse_nm_pattern",
     "rank_for_energy",
     "rank_for_ratio",
     "resolve_rank",
     "svd_factors",
+    "unpack_bitmask",
 ]

@@ -7,6 +7,7 @@ cores (2:4 on Ampere and later) accelerate.
 
 from __future__ import annotations
 
+import math
 import re
 
 import torch
@@ -101,3 +102,23 @@ def nm_mask(W: torch.Tensor, n: int, m: int) -> torch.Tensor:
     mask = torch.zeros_like(groups, dtype=torch.bool)
     mask.scatter_(1, keep, True)
     return mask.view_as(W)
+
+
+def pack_bitmask(mask: torch.Tensor) -> torch.Tensor:
+    """bool [out, in] -> uint8 [out, ⌈in/8⌉]; bit j of byte b holds column 8b + j.
+
+    The on-disk form of a pruning mask: 1 bit per weight instead of a byte.
+    """
+    out_features, in_features = mask.shape
+    n_bytes = math.ceil(in_features / 8)
+    padded = torch.zeros(out_features, n_bytes * 8, dtype=torch.uint8, device=mask.device)
+    padded[:, :in_features] = mask
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=mask.device)
+    return (padded.view(out_features, n_bytes, 8) * weights).sum(-1, dtype=torch.uint8)
+
+
+def unpack_bitmask(packed: torch.Tensor, in_features: int) -> torch.Tensor:
+    """uint8 [out, ⌈in/8⌉] -> bool [out, in], the inverse of :func:`pack_bitmask`."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    bits = ((packed.unsqueeze(-1) >> shifts) & 1).reshape(packed.shape[0], -1).bool()
+    return bits[:, :in_features].contiguous()

@@ -90,6 +90,15 @@ def _apply_b_first(
 _APPLY = {"a_first": _apply_a_first, "b_first": _apply_b_first}
 
 
+def _drop_marker(
+    module: nn.Module, state_dict: dict[str, torch.Tensor], prefix: str, *args: object
+) -> None:
+    """Drop the empty on-disk marker saved under the dense key (``<prefix>weight``)."""
+    marker = state_dict.get(prefix + "weight")
+    if marker is not None and marker.numel() == 0:
+        del state_dict[prefix + "weight"]
+
+
 @register_layer("kronecker")
 class KroneckerLinear(CompressedLayer):
     """y = x·(Σₖ Aₖ ⊗ Bₖ)ᵀ + b with A: [k, m1, n1] and B: [k, m2, n2].
@@ -129,6 +138,7 @@ class KroneckerLinear(CompressedLayer):
         self.A = nn.Parameter(torch.zeros(terms, *a_shape, **factory))
         self.B = nn.Parameter(torch.zeros(terms, *b_shape, **factory))
         self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
+        self.register_load_state_dict_pre_hook(_drop_marker)
         costs = contraction_costs(a_shape, b_shape, terms)
         self.order: ContractionOrder = min(costs, key=costs.__getitem__)
 

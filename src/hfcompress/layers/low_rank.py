@@ -23,6 +23,31 @@ from hfcompress.layers.base import (
     register_layer,
     source_kind,
 )
+from hfcompress.layers.pruned import BITMASK_SUFFIX, PrunedLinear
+
+
+def _saved_rank(state_dict: dict[str, torch.Tensor], prefix: str) -> int | None:
+    """The rank of the factors in a state dict: V is [r, in], or its bitmask [r, ⌈in/8⌉]."""
+    for key in (prefix + "v." + BITMASK_SUFFIX, prefix + "v.weight"):
+        tensor = state_dict.get(key)
+        if tensor is not None and tensor.ndim == 2:
+            return int(tensor.shape[0])
+    return None
+
+
+def _follow_saved_rank(
+    module: LowRankLinear, state_dict: dict[str, torch.Tensor], prefix: str, *args: object
+) -> None:
+    """Let ``load_state_dict`` restore a rank lowered in training (resuming a checkpoint).
+
+    The saved factors decide the rank; the on-disk marker under the dense key is dropped.
+    """
+    marker = state_dict.get(prefix + "weight")
+    if marker is not None and marker.numel() == 0:
+        del state_dict[prefix + "weight"]
+    rank = _saved_rank(state_dict, prefix)
+    if rank is not None and rank != module.rank:
+        module.resize_rank_(rank)
 
 
 @register_layer("lowrank")
@@ -55,6 +80,7 @@ class LowRankLinear(CompressedLayer):
         check_rank(rank, out_features, in_features)
         self.v = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
         self.u = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
+        self.register_load_state_dict_pre_hook(_follow_saved_rank)
 
     @classmethod
     def from_module(
@@ -194,6 +220,24 @@ class LowRankLinear(CompressedLayer):
         new_U = (Q_u @ core_u[:, :new_rank]) * root
         new_V = root[:, None] * (core_vh[:new_rank] @ Q_v.T)
         self._replace_factors(new_U, new_V)
+
+    @torch.no_grad()
+    def resize_rank_(self, rank: int) -> None:
+        """Give the factors rank ``rank`` with zero values, keeping their types and settings.
+
+        For loading weights of another rank into this layer; the values are meant to be
+        overwritten. Use :meth:`truncate` to lower the rank while keeping the product.
+        """
+        check_rank(rank, self.out_features, self.in_features)
+        factory = {"device": self.u.weight.device, "dtype": self.u.weight.dtype}
+        has_bias = self.u.bias is not None
+        u = nn.Linear(rank, self.out_features, bias=has_bias, **factory)
+        v = nn.Linear(self.in_features, rank, bias=False, **factory)
+        if isinstance(self.u, PrunedLinear):
+            u = PrunedLinear.from_module(u, **self.u.compression_params())
+        if isinstance(self.v, PrunedLinear):
+            v = PrunedLinear.from_module(v, **self.v.compression_params())
+        self.u, self.v = u, v
 
     def _replace_factors(self, U: torch.Tensor, V: torch.Tensor) -> None:
         old_u, old_v = self.u, self.v

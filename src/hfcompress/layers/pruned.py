@@ -9,11 +9,19 @@ pattern lock of Prune Once For All (Zafrir et al., 2021).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hfcompress.decompose.masks import magnitude_mask, nm_mask, parse_nm_pattern
+from hfcompress.decompose.masks import (
+    magnitude_mask,
+    nm_mask,
+    pack_bitmask,
+    parse_nm_pattern,
+    unpack_bitmask,
+)
 from hfcompress.errors import InvalidParameterError
 from hfcompress.layers.base import (
     CompressedLayer,
@@ -24,6 +32,7 @@ from hfcompress.layers.base import (
 )
 
 UNSTRUCTURED = "unstructured"
+BITMASK_SUFFIX = "weight_bitmask"
 
 
 def normalize_pattern(pattern: str) -> str:
@@ -67,6 +76,51 @@ def compute_mask(W: torch.Tensor, pattern: str, sparsity: float) -> torch.Tensor
         return magnitude_mask(W, sparsity)
     n, m = parse_nm_pattern(pattern)
     return nm_mask(W, n, m)
+
+
+def sparse_encode(weight: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W [out, in], mask) -> (values [nnz] in row-major order, packed bitmask)."""
+    return weight.detach()[mask].contiguous(), pack_bitmask(mask)
+
+
+def sparse_decode(
+    values: torch.Tensor, packed: torch.Tensor, in_features: int, name: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, packed bitmask) -> (W [out, in] with zeros where pruned, mask)."""
+    if (
+        packed.dtype != torch.uint8
+        or packed.ndim != 2
+        or packed.shape[1] != math.ceil(in_features / 8)
+    ):
+        raise InvalidParameterError(
+            f"{name}.{BITMASK_SUFFIX}: expected uint8 [out, {math.ceil(in_features / 8)}], "
+            f"got {packed.dtype} {list(packed.shape)}"
+        )
+    mask = unpack_bitmask(packed, in_features)
+    if values.ndim != 1 or values.numel() != int(mask.sum()):
+        raise InvalidParameterError(
+            f"{name}.weight: expected {int(mask.sum())} values (the bitmask's set bits), "
+            f"got shape {list(values.shape)}"
+        )
+    weight = values.new_zeros(mask.shape)
+    weight[mask] = values
+    return weight, mask
+
+
+def _accept_compact_weights(
+    module: PrunedLinear, state_dict: dict[str, torch.Tensor], prefix: str, *args: object
+) -> None:
+    """``load_state_dict`` accepts the on-disk form too: 1-D values + packed bitmask.
+
+    ``Trainer(resume_from_checkpoint=...)`` loads a saved hfcompress checkpoint this way.
+    """
+    packed = state_dict.pop(prefix + BITMASK_SUFFIX, None)
+    values = state_dict.get(prefix + "weight")
+    if packed is None or values is None or values.ndim != 1:
+        return
+    weight, mask = sparse_decode(values, packed, module.in_features, prefix.rstrip("."))
+    state_dict[prefix + "weight"] = weight
+    state_dict[prefix + "mask"] = mask
 
 
 @register_layer("prune")
@@ -113,6 +167,7 @@ class PrunedLinear(CompressedLayer):
         self.register_buffer(
             "mask", torch.ones(out_features, in_features, dtype=torch.bool, device=device)
         )
+        self.register_load_state_dict_pre_hook(_accept_compact_weights)
 
     @classmethod
     def from_module(
