@@ -283,3 +283,18 @@ def test_recipe_from_yaml_path(tmp_path):
     model = tiny_model("gpt2")
     report = compress_model(model, path, progress=False)
     assert len(report.modules) == 2 and all("rank" in m.settings for m in report.modules)
+
+
+def test_model_parameter_totals_count_tied_weights_once():
+    model = tiny_model("gpt2")
+    unique = sum(p.numel() for p in model.parameters())
+    report = compress_model(
+        model,
+        {"stages": [{"method": "prune", "targets": BLOCK_LINEARS, "sparsity": 0.5}]},
+        progress=False,
+    )
+    assert report.model_params_before == unique
+    masked = sum(
+        m.mask.numel() - int(m.mask.sum()) for m in model.modules() if isinstance(m, PrunedLinear)
+    )
+    assert report.model_params_after == unique - masked

@@ -462,13 +462,10 @@ def compress_model(
 
 def _model_params(model: nn.Module) -> int:
     """Parameters of the model, counting only entries of pruned weights that can be non-zero."""
-    total = 0
-    for module in model.modules():
-        if isinstance(module, PrunedLinear):
-            total += module.nonzero_param_count()
-        else:
-            total += sum(p.numel() for p in module.parameters(recurse=False))
-    return total
+    masked = sum(
+        m.mask.numel() - int(m.mask.sum()) for m in model.modules() if isinstance(m, PrunedLinear)
+    )
+    return sum(p.numel() for p in model.parameters()) - masked  # parameters() counts tied ones once
 
 
 def compression_spec(model: nn.Module) -> dict[str, Any]:
