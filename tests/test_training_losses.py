@@ -71,9 +71,7 @@ def test_classification_loss_matches_hand_computation():
 def test_identical_logits_give_zero_kd_and_bf16_is_computed_in_fp32():
     logits = torch.randn(2, 4, 5).bfloat16()
     labels = torch.randint(0, 5, (2, 4))
-    loss, _, kd = distillation_loss(
-        logits, logits, labels, alpha=0.0, temperature=2.0, causal=True
-    )
+    loss, _, kd = distillation_loss(logits, logits, labels, alpha=0.0, temperature=2.0, causal=True)
     assert kd.item() == pytest.approx(0.0, abs=1e-6) and loss.dtype == torch.float32
 
 
