@@ -47,3 +47,186 @@ def test_bad_arguments_exit_2_without_traceback(args):
 def test_help_on_every_subcommand(command):
     result = run_cli(command, "--help")
     assert result.returncode == 0 and "usage: hfcompress" in result.stdout
+
+
+# --- compress / eval / distill on tiny config-built models saved to tmp folders -------------------
+
+WORDS = "the a of and to in is you that it he was for on are as with his they at"
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """A tiny Llama with a word-level tokenizer, saved like a hub checkpoint."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from conftest import tiny_model
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    words = WORDS.split()
+    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]").save_pretrained(folder)
+    tiny_model("llama").save_pretrained(folder)
+    (folder / "text.txt").write_text(" ".join(words * 30))
+    (folder / "recipe.yaml").write_text(
+        "stages:\n"
+        "  - method: lowrank\n    targets: '.*mlp\\.(gate|up)_proj'\n    rank: 8\n"
+        "  - method: prune\n    targets: '.*self_attn\\..*'\n    pattern: '2:4'\n"
+    )
+    return folder
+
+
+def test_compress_writes_a_loadable_checkpoint(tiny_folder, tmp_path):
+    out = tmp_path / "compressed"
+    result = run_cli(
+        "compress",
+        str(tiny_folder),
+        "--recipe",
+        str(tiny_folder / "recipe.yaml"),
+        "--output",
+        str(out),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "model.layers.0.mlp.up_proj" in result.stdout and "lowrank" in result.stdout
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    report = __import__("json").loads((out / "compression_report.json").read_text())
+    assert len(report["modules"]) == 2 * 2 + 2 * 4
+    from transformers import AutoModelForCausalLM
+
+    import hfcompress  # noqa: F401
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert type(model.model.layers[1].mlp.gate_proj).__name__ == "LowRankLinear"
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert not leftovers
+
+
+def test_compress_dry_run_saves_nothing(tiny_folder, tmp_path):
+    result = run_cli(
+        "compress", str(tiny_folder), "--recipe", str(tiny_folder / "recipe.yaml"), "--dry-run"
+    )
+    assert result.returncode == 0 and "dry run" in result.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["compress", "no/such/dir/model", "--recipe", "r.yaml", "--output", "o"],
+            "MODEL 'no/such/dir/model': no such folder",
+        ),
+        (
+            ["compress", "{model}", "--recipe", "{bad_recipe}", "--output", "{out}"],
+            "bad.yaml: not valid yaml",
+        ),
+        (
+            ["compress", "{model}", "--recipe", "{unfit_recipe}", "--output", "{out}"],
+            r"stages\[0\]\(lowrank\).targets",
+        ),
+        (["eval", "{model}", "--perplexity"], "--perplexity: needs --text FILE"),
+        (["eval", "{model}", "--task", "{csv}", "--text-column", "body"], "text_column='body'"),
+        (["eval", "{model}"], "choose at least one of"),
+        (
+            ["eval", "{model}", "--perplexity", "--text", "{text}", "--stride", "0"],
+            "expected a positive integer",
+        ),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_nothing_written(tiny_folder, tmp_path, args, message):
+    import re
+
+    (tmp_path / "bad.yaml").write_text("stages: [ {method: prune,")
+    (tmp_path / "unfit.yaml").write_text(
+        "stages:\n  - method: lowrank\n    targets: 'nothing'\n    rank: 2\n"
+    )
+    (tmp_path / "data.csv").write_text("text,label\nthe a,0\nof and,1\n")
+    values = {
+        "model": str(tiny_folder),
+        "bad_recipe": str(tmp_path / "bad.yaml"),
+        "unfit_recipe": str(tmp_path / "unfit.yaml"),
+        "out": str(tmp_path / "out"),
+        "csv": str(tmp_path / "data.csv"),
+        "text": str(tiny_folder / "text.txt"),
+    }
+    result = run_cli(*[a.format(**values) for a in args])
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert re.search(message, result.stderr), result.stderr
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_debug_shows_the_traceback(tiny_folder, tmp_path):
+    result = run_cli(
+        "--debug", "compress", "nope/x/y", "--recipe", "r.yaml", "--output", str(tmp_path / "o")
+    )
+    assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_eval_perplexity_task_and_speed(tiny_folder, tmp_path):
+    (tmp_path / "data.csv").write_text("text,label\nthe a of,0\nand to in,1\nis you that,0\n")
+    result = run_cli(
+        "eval",
+        str(tiny_folder),
+        "--perplexity",
+        "--text",
+        str(tiny_folder / "text.txt"),
+        "--max-length",
+        "32",
+        "--stride",
+        "16",
+        "--speed",
+        "--repeats",
+        "2",
+        "--seq-len",
+        "16",
+    )
+    assert result.returncode == 0, result.stderr
+    for needle in (
+        "perplexity",
+        "tokens scored / windows",
+        "latency median",
+        "throughput",
+        "parameters (non-zero)",
+    ):
+        assert needle in result.stdout
+
+
+def test_distill_trains_and_saves_the_student(tiny_folder, tmp_path):
+    out = tmp_path / "distilled"
+    result = run_cli(
+        "distill",
+        str(tiny_folder),
+        "--recipe",
+        str(tiny_folder / "recipe.yaml"),
+        "--train-text",
+        str(tiny_folder / "text.txt"),
+        "--output",
+        str(out),
+        "--block-size",
+        "32",
+        "--max_steps",
+        "3",
+        "--per_device_train_batch_size",
+        "2",
+        "--alpha",
+        "0.5",
+        "--report_to",
+        "none",
+        "--use_cpu",
+        "--save_strategy",
+        "no",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (out / "student" / "model.safetensors").is_file()
+    config = __import__("json").loads((out / "student" / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "hfcompress"
+
+
+@pytest.mark.parametrize("command", ["compress", "eval", "distill"])
+def test_help_on_new_subcommands(command):
+    result = run_cli(command, "--help")
+    assert result.returncode == 0 and "usage: hfcompress" in result.stdout

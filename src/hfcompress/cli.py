@@ -1,27 +1,73 @@
 """The ``hfcompress`` command line: a thin wrapper over the library.
 
 Subcommands:
-    demo          compress a small config-built GPT-2 with a default recipe (no network)
-    shapes OUT IN list the Kronecker factor shapes of an [OUT, IN] weight
+    demo                   compress a small config-built GPT-2 with a default recipe (offline)
+    compress MODEL         apply a recipe and save the compressed checkpoint
+    eval MODEL             perplexity, classification accuracy/F1, size, latency and speedup
+    distill TEACHER        compress a copy of the teacher and distill it on text
+    shapes OUT IN          list the Kronecker factor shapes of an [OUT, IN] weight
+
+MODEL is a local folder or a hub id. Bad input prints one line and exits with code 2 (``--debug``
+shows the traceback); an output folder is written whole or not at all.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
+import json
+import os
+import re
+import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
+from datasets import Dataset, load_dataset
 from rich.console import Console
 from rich.table import Table
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    HfArgumentParser,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from hfcompress._version import __version__
 from hfcompress.decompose import kronecker_shapes
 from hfcompress.errors import HfCompressError
+from hfcompress.evaluation import (
+    checkpoint_size_mb,
+    compare_speed,
+    count_parameters,
+    evaluate_classification,
+    measure_latency,
+    perplexity_of_text,
+)
+from hfcompress.recipe import Recipe
 from hfcompress.surgery import compress_model
+from hfcompress.training import (
+    CompressionLoggingCallback,
+    DistillationArguments,
+    DistillationTrainer,
+    causal_lm_blocks,
+)
+
+_AUTO_CLASSES = (
+    ("ForCausalLM", AutoModelForCausalLM),
+    ("ForSequenceClassification", AutoModelForSequenceClassification),
+    ("ForConditionalGeneration", AutoModelForSeq2SeqLM),
+)
 
 # The demo's default recipe: one stage per method, and a composed one (prune the low-rank factors).
 DEMO_RECIPE: dict[str, object] = {
@@ -123,6 +169,192 @@ def cmd_shapes(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+class CliError(HfCompressError):
+    """Bad command-line input: printed as one line, exit code 2."""
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def resolve_model(ref: str) -> str:
+    """A local model folder, or a hub id (``owner/name``) passed on to transformers."""
+    path = Path(ref).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise CliError(f"MODEL {ref!r}: not a model folder (no config.json in it)")
+        return str(path)
+    if _HUB_ID.match(ref) and not ref.startswith("."):
+        return ref
+    raise CliError(
+        f"MODEL {ref!r}: no such folder (and not a hub id such as 'gpt2' or 'owner/name')"
+    )
+
+
+def load_model(ref: str, dtype: str = "auto") -> PreTrainedModel:
+    """Load with the Auto class that matches the checkpoint's architecture."""
+    source = resolve_model(ref)
+    try:
+        config = AutoConfig.from_pretrained(source)
+        architecture = (config.architectures or [""])[0]
+        auto = next(
+            (cls for suffix, cls in _AUTO_CLASSES if architecture.endswith(suffix)), AutoModel
+        )
+        torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+        return auto.from_pretrained(source, dtype=torch_dtype).eval()
+    except (OSError, ValueError) as error:
+        if isinstance(error, HfCompressError):
+            raise
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CliError(f"MODEL {ref!r}: cannot load it ({first})") from error
+
+
+def load_tokenizer(ref: str) -> PreTrainedTokenizerBase:
+    try:
+        return AutoTokenizer.from_pretrained(resolve_model(ref))
+    except (OSError, ValueError, TypeError) as error:
+        raise CliError(f"MODEL {ref!r}: no tokenizer found with it ({error})") from error
+
+
+@contextlib.contextmanager
+def atomic_output(output: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Write into a temporary sibling folder and move it to ``output`` only on success."""
+    if output.exists() and any(output.iterdir()) and not overwrite:
+        raise CliError(f"--output {str(output)!r}: exists and is not empty (pass --overwrite)")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if output.exists():
+        shutil.rmtree(output)
+    os.replace(tmp, output)
+
+
+def cmd_compress(args: argparse.Namespace, console: Console) -> int:
+    resolve_model(args.model)  # fail on a bad path or recipe before loading any weights
+    recipe = Recipe.load(args.recipe)
+    model = load_model(args.model, args.dtype)
+    report = compress_model(model, recipe, dry_run=args.dry_run)
+    console.print(report.table())
+    if args.dry_run:
+        return 0
+    with atomic_output(args.output, args.overwrite) as tmp, console.status("saving"):
+        model.save_pretrained(tmp)
+        with contextlib.suppress(CliError):
+            load_tokenizer(args.model).save_pretrained(tmp)
+        (tmp / "compression_report.json").write_text(
+            json.dumps(report.to_dict(), indent=1), encoding="utf-8"
+        )
+    console.print(f"saved to {args.output}")
+    return 0
+
+
+def _read_texts(files: Sequence[Path]) -> str:
+    texts = []
+    for file in files:
+        try:
+            texts.append(Path(file).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as error:
+            raise CliError(f"--text {str(file)!r}: cannot read it ({error})") from error
+    return "\n\n".join(texts)
+
+
+def _load_table(path: Path) -> Dataset:
+    suffix = path.suffix.lower().lstrip(".")
+    builder = {"csv": "csv", "json": "json", "jsonl": "json", "parquet": "parquet"}.get(suffix)
+    if builder is None or not path.is_file():
+        raise CliError(
+            f"--task {str(path)!r}: expected an existing .csv, .json, .jsonl or .parquet file"
+        )
+    return load_dataset(builder, data_files=str(path), split="train")
+
+
+def cmd_eval(args: argparse.Namespace, console: Console) -> int:
+    if not (args.perplexity or args.task or args.speed):
+        raise CliError("eval: choose at least one of --perplexity, --task, --speed")
+    if args.perplexity and not args.text:
+        raise CliError("--perplexity: needs --text FILE (the text to score)")
+    model = load_model(args.model, args.dtype)
+    table = Table(title=f"hfcompress eval: {args.model}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    params = count_parameters(model)
+    table.add_row("parameters (stored)", f"{params.total:,}")
+    table.add_row("parameters (non-zero)", f"{params.nonzero:,}")
+    if Path(args.model).is_dir():
+        table.add_row("checkpoint size (MB)", f"{checkpoint_size_mb(Path(args.model)):.2f}")
+    if args.perplexity:
+        result = perplexity_of_text(
+            model, load_tokenizer(args.model), _read_texts(args.text), args.max_length, args.stride
+        )
+        table.add_row("perplexity", f"{result.perplexity:.3f}")
+        table.add_row("tokens scored / windows", f"{result.tokens:,} / {result.windows}")
+    if args.task:
+        metrics = evaluate_classification(
+            model,
+            _load_table(args.task),
+            load_tokenizer(args.model),
+            text_column=args.text_column,
+            label_column=args.label_column,
+        )
+        for name, value in metrics.items():
+            table.add_row(name, f"{value:.4f}")
+    if args.speed:
+        vocab = getattr(model.config, "vocab_size", 1000)
+        ids = torch.randint(
+            0, vocab, (args.batch_size, args.seq_len), generator=torch.Generator().manual_seed(0)
+        )
+        inputs = {"input_ids": ids.to(next(model.parameters()).device)}
+        if args.reference:
+            comparison = compare_speed(
+                model, load_model(args.reference, args.dtype), inputs, repeats=args.repeats
+            )
+            latency = comparison.model
+            table.add_row(f"speedup vs {args.reference}", f"{comparison.speedup:.2f}x")
+        else:
+            latency = measure_latency(model, inputs, repeats=args.repeats)
+        table.add_row(
+            "latency median / p10 / p90 (ms)",
+            f"{latency.median_s * 1e3:.1f} / {latency.p10_s * 1e3:.1f} / {latency.p90_s * 1e3:.1f}",
+        )
+        table.add_row("throughput (tokens/s)", f"{latency.tokens_per_s:,.0f}")
+    console.print(table)
+    return 0
+
+
+def cmd_distill(args: argparse.Namespace, console: Console) -> int:
+    recipe = Recipe.load(args.recipe)
+    text = _read_texts(args.train_text)
+    try:
+        (training,) = HfArgumentParser(DistillationArguments).parse_args_into_dataclasses(
+            args=[*args.training_args, "--output_dir", str(args.output / "run")]
+        )
+    except SystemExit as error:  # HfArgumentParser exits on unknown or malformed flags
+        raise CliError(f"distill: bad training flags {args.training_args} (see --help)") from error
+    teacher = load_model(args.teacher, args.dtype)
+    tokenizer = load_tokenizer(args.teacher)
+    student = copy.deepcopy(teacher)
+    console.print(compress_model(student, recipe).table())
+    blocks = causal_lm_blocks(Dataset.from_dict({"text": [text]}), tokenizer, args.block_size)
+    if len(blocks) == 0:
+        raise CliError(f"--train-text: shorter than one block of {args.block_size} tokens")
+    trainer = DistillationTrainer(
+        model=student,
+        teacher=teacher,
+        args=training,
+        train_dataset=blocks,
+        callbacks=[CompressionLoggingCallback()],
+    )
+    trainer.train()
+    with atomic_output(args.output / "student", args.overwrite) as tmp:
+        student.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    console.print(f"distilled student saved to {args.output / 'student'}")
+    return 0
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -151,12 +383,67 @@ def build_parser() -> argparse.ArgumentParser:
     )
     shapes.add_argument("--limit", type=positive_int, default=40, help="rows to show (default 40)")
     shapes.set_defaults(func=cmd_shapes)
+
+    compress = sub.add_parser("compress", help="compress a model with a recipe and save it")
+    compress.add_argument("model", metavar="MODEL", help="local folder or hub id")
+    compress.add_argument("--recipe", required=True, type=Path, help="recipe .yaml or .json")
+    compress.add_argument("--output", type=Path, help="folder for the compressed checkpoint")
+    compress.add_argument("--dry-run", action="store_true", help="report only, save nothing")
+    compress.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
+    _dtype_flag(compress)
+    compress.set_defaults(func=cmd_compress)
+
+    evaluate = sub.add_parser("eval", help="perplexity, task accuracy, size and speed of a model")
+    evaluate.add_argument("model", metavar="MODEL", help="local folder or hub id")
+    evaluate.add_argument("--perplexity", action="store_true", help="sliding-window perplexity")
+    evaluate.add_argument("--text", type=Path, nargs="+", help="text file(s) for --perplexity")
+    evaluate.add_argument("--max-length", type=positive_int, default=None, help="window (tokens)")
+    evaluate.add_argument("--stride", type=positive_int, default=None, help="window step (tokens)")
+    evaluate.add_argument(
+        "--task", type=Path, help="classification data: .csv/.json/.jsonl/.parquet"
+    )
+    evaluate.add_argument("--text-column", default="text")
+    evaluate.add_argument("--label-column", default="label")
+    evaluate.add_argument("--speed", action="store_true", help="latency and throughput")
+    evaluate.add_argument("--reference", help="a model to measure speedup against (with --speed)")
+    evaluate.add_argument("--batch-size", type=positive_int, default=1)
+    evaluate.add_argument("--seq-len", type=positive_int, default=128)
+    evaluate.add_argument("--repeats", type=positive_int, default=10)
+    _dtype_flag(evaluate)
+    evaluate.set_defaults(func=cmd_eval)
+
+    distill = sub.add_parser(
+        "distill",
+        help="compress a teacher with a recipe and distill the student on text",
+        description="Unrecognized --flags are DistillationArguments / TrainingArguments "
+        "(e.g. --max_steps 100 --alpha 0.5 --temperature 2 --learning_rate 1e-4).",
+    )
+    distill.add_argument("teacher", metavar="TEACHER", help="local folder or hub id")
+    distill.add_argument("--recipe", required=True, type=Path)
+    distill.add_argument("--train-text", required=True, type=Path, nargs="+")
+    distill.add_argument("--output", required=True, type=Path)
+    distill.add_argument("--block-size", type=positive_int, default=128)
+    distill.add_argument("--overwrite", action="store_true")
+    _dtype_flag(distill)
+    distill.set_defaults(func=cmd_distill)
     return parser
+
+
+def _dtype_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"]
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "distill":
+        args.training_args = extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "compress" and not args.dry_run and args.output is None:
+        parser.error("compress: --output is required (or pass --dry-run)")
     # Logs and CI are not terminals; rich would wrap tables at 80 columns there.
     console = Console() if sys.stdout.isatty() else Console(width=160)
     func: Callable[[argparse.Namespace, Console], int] = args.func
@@ -165,7 +452,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except HfCompressError as error:
         if args.debug:
             raise
-        print(f"hfcompress {args.command}: error: {error}", file=sys.stderr)
+        message = " ".join(str(error).split())  # one line
+        print(f"hfcompress {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 
