@@ -32,6 +32,15 @@ def cubic_sparsity(step: int, initial: float, final: float, start: int, end: int
     return final + (initial - final) * (1.0 - progress) ** 3
 
 
+def _refuse_sharded(args: TrainingArguments, name: str) -> None:
+    """Masks and truncations need whole weight matrices, which FSDP / ZeRO-3 shard across ranks."""
+    if getattr(args, "fsdp", None) or getattr(args, "deepspeed", None):
+        raise HfCompressError(
+            f"{name}: FSDP and DeepSpeed are not supported (each rank would see only a shard of "
+            "each weight); use DDP (torchrun / accelerate launch without FSDP or ZeRO-3)"
+        )
+
+
 def _layers(model: nn.Module, kind: type) -> dict[str, Any]:
     return {name: m for name, m in model.named_modules() if isinstance(m, kind)}
 
@@ -96,6 +105,7 @@ class GradualPruningCallback(TrainerCallback):
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
+        _refuse_sharded(args, "GradualPruningCallback")
         if not _layers(kwargs["model"], PrunedLinear):
             raise HfCompressError(
                 "GradualPruningCallback: the model has no PrunedLinear layers; compress it first "
@@ -176,6 +186,7 @@ class ProgressiveRankCallback(TrainerCallback):
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
+        _refuse_sharded(args, "ProgressiveRankCallback")
         if args.world_size > 1:
             raise HfCompressError(
                 "ProgressiveRankCallback: rank reduction replaces parameters, which DDP cannot "
