@@ -226,7 +226,40 @@ def test_distill_trains_and_saves_the_student(tiny_folder, tmp_path):
     assert config["quantization_config"]["quant_method"] == "hfcompress"
 
 
-@pytest.mark.parametrize("command", ["compress", "eval", "distill"])
+def test_analyze_prints_table_and_writes_plots(tiny_folder, tmp_path):
+    pytest.importorskip("matplotlib")
+    plots = tmp_path / "plots"
+    result = run_cli(
+        "analyze",
+        str(tiny_folder),
+        "--targets",
+        r".*layers\.0\..*",
+        "--kronecker-candidates",
+        "2",
+        "--plots",
+        str(plots),
+        "--json",
+        str(tmp_path / "a.json"),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "model.layers.0.mlp.up_proj" in result.stdout and "stable" in result.stdout
+    for name in ("spectra.png", "energy.png"):
+        assert (plots / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = __import__("json").loads((tmp_path / "a.json").read_text())
+    assert len(rows["modules"] if "modules" in rows else rows["rows"]) == 7
+
+
+def test_analyze_bad_targets_exit_2(tiny_folder, tmp_path):
+    result = run_cli(
+        "analyze", str(tiny_folder), "--targets", "nothing", "--plots", str(tmp_path / "p")
+    )
+    assert (
+        result.returncode == 2 and "Traceback" not in result.stderr and "targets" in result.stderr
+    )
+    assert not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize("command", ["compress", "eval", "distill", "analyze"])
 def test_help_on_new_subcommands(command):
     result = run_cli(command, "--help")
     assert result.returncode == 0 and "usage: hfcompress" in result.stdout

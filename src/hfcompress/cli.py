@@ -4,6 +4,7 @@ Subcommands:
     demo                   compress a small config-built GPT-2 with a default recipe (offline)
     compress MODEL         apply a recipe and save the compressed checkpoint
     eval MODEL             perplexity, classification accuracy/F1, size, latency and speedup
+    analyze MODEL          rank, stable rank, energy and per-method error of every matrix, plots
     distill TEACHER        compress a copy of the teacher and distill it on text
     shapes OUT IN          list the Kronecker factor shapes of an [OUT, IN] weight
 
@@ -44,6 +45,7 @@ from transformers import (
 )
 
 from hfcompress._version import __version__
+from hfcompress.analysis import analyze_model, plot_energy, plot_spectra
 from hfcompress.decompose import kronecker_shapes
 from hfcompress.errors import HfCompressError
 from hfcompress.evaluation import (
@@ -324,6 +326,35 @@ def cmd_eval(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_analyze(args: argparse.Namespace, console: Console) -> int:
+    model = load_model(args.model, args.dtype)
+    analysis = analyze_model(
+        model,
+        targets=args.targets,
+        budget=args.budget,
+        kronecker_candidates=args.kronecker_candidates,
+    )
+    console.print(analysis.table())
+    if args.json:
+        args.json.write_text(json.dumps(analysis.to_dict(), indent=1), encoding="utf-8")
+    if args.plots:
+        with atomic_output(args.plots, args.overwrite) as tmp, console.status("plotting"):
+            plot_spectra(analysis, tmp / "spectra.png")
+            plot_energy(analysis, tmp / "energy.png")
+        console.print(f"plots written to {args.plots}")
+    return 0
+
+
+def fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {value}")
+    return value
+
+
 def cmd_distill(args: argparse.Namespace, console: Console) -> int:
     recipe = Recipe.load(args.recipe)
     text = _read_texts(args.train_text)
@@ -411,6 +442,26 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--repeats", type=positive_int, default=10)
     _dtype_flag(evaluate)
     evaluate.set_defaults(func=cmd_eval)
+
+    analyze = sub.add_parser(
+        "analyze", help="ranks, stable ranks, energy and per-method errors of each matrix"
+    )
+    analyze.add_argument("model", metavar="MODEL", help="local folder or hub id")
+    analyze.add_argument("--targets", help="regex (re.fullmatch) of modules to analyze")
+    analyze.add_argument(
+        "--budget", type=fraction, default=0.5, help="fraction of parameters kept (default 0.5)"
+    )
+    analyze.add_argument(
+        "--kronecker-candidates",
+        type=int,
+        default=12,
+        help="factor shapes tried per matrix (0 skips Kronecker; each costs an SVD)",
+    )
+    analyze.add_argument("--plots", type=Path, help="folder for spectra.png and energy.png")
+    analyze.add_argument("--json", type=Path, help="write the analysis as JSON")
+    analyze.add_argument("--overwrite", action="store_true", help="replace a non-empty --plots")
+    _dtype_flag(analyze)
+    analyze.set_defaults(func=cmd_analyze)
 
     distill = sub.add_parser(
         "distill",

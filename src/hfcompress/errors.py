@@ -16,6 +16,10 @@ class InvalidParameterError(HfCompressError, ValueError):
     """A compression parameter (rank, sparsity, a_shape, ...) is out of range for its module."""
 
 
+class MissingDependencyError(HfCompressError, ImportError):
+    """An optional package a feature needs is not installed; the message says how to get it."""
+
+
 class UnsupportedModuleError(HfCompressError, TypeError, ValueError):
     """A module hfcompress cannot compress (neither ``nn.Linear`` nor GPT-2's ``Conv1D``).
 

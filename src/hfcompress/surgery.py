@@ -188,6 +188,12 @@ def _virtual_of(module: nn.Module) -> _Virtual | None:
     return None
 
 
+def compressible_modules(model: nn.Module) -> list[str]:
+    """Names of the modules a recipe can target: Linear/Conv1D and compressed layers (not their
+    insides), in ``named_modules`` order. Tied ones are included; see :func:`tied_modules`."""
+    return list(_units(model))
+
+
 def _units(model: nn.Module) -> dict[str, _Virtual]:
     """Modules a stage may act on: Linear/Conv1D and compressed layers (not their insides)."""
     units: dict[str, _Virtual] = {}

@@ -11,14 +11,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from hfcompress.errors import HfCompressError, InvalidParameterError
+from hfcompress.errors import InvalidParameterError, MissingDependencyError
 
 if TYPE_CHECKING:
     from datasets import Dataset
-
-
-class MissingDependencyError(HfCompressError, ImportError):
-    """An optional package (``datasets``, ``evaluate``) that an evaluation helper needs."""
 
 
 def require(package: str, feature: str) -> ModuleType:
