@@ -158,25 +158,42 @@ class KroneckerLinear(CompressedLayer):
                 of range.
             UnsupportedModuleError: the module is neither Linear nor Conv1D.
         """
-        source = source_kind(module)
         W = dense_weight_of(module)
-        out_features, in_features = W.shape
+        b_shape_for(tuple(W.shape), tuple(a_shape))  # validate before the SVD
+        A, B = nearest_kronecker(W, tuple(a_shape), terms)
+        return cls.from_factors(A, B, module.bias, source_kind(module))
+
+    @classmethod
+    def from_factors(
+        cls,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        bias: torch.Tensor | None,
+        source: SourceKind = "linear",
+    ) -> KroneckerLinear:
+        """A layer holding given factors A: [k, m1, n1] and B: [k, m2, n2] (copied) and the bias."""
+        if A.ndim != 3 or B.ndim != 3 or A.shape[0] != B.shape[0]:
+            raise InvalidParameterError(
+                f"factors: expected A [k, m1, n1] and B [k, m2, n2], got {list(A.shape)} and "
+                f"{list(B.shape)}"
+            )
+        k, m1, n1 = A.shape
+        _, m2, n2 = B.shape
         layer = cls(
-            in_features,
-            out_features,
-            a_shape,
-            terms,
-            bias=module.bias is not None,
+            n1 * n2,
+            m1 * m2,
+            (m1, n1),
+            k,
+            bias=bias is not None,
             source=source,
-            device=W.device,
-            dtype=W.dtype,
+            device=A.device,
+            dtype=A.dtype,
         )
-        A, B = nearest_kronecker(W, layer.a_shape, terms)
         with torch.no_grad():
             layer.A.copy_(A)
             layer.B.copy_(B)
-            if module.bias is not None:
-                layer.bias.copy_(module.bias)
+            if bias is not None:
+                layer.bias.copy_(bias)
         return layer
 
     @classmethod

@@ -105,24 +105,42 @@ class LowRankLinear(CompressedLayer):
             InvalidParameterError: not exactly one of rank/ratio/energy, or out of range.
             UnsupportedModuleError: the module is neither Linear nor Conv1D.
         """
-        source = source_kind(module)
         W = dense_weight_of(module)
         U, V = svd_factors(W, rank, ratio=ratio, energy=energy, method=method)
-        out_features, in_features = W.shape
+        return cls.from_factors(U, V, module.bias, source_kind(module))
+
+    @classmethod
+    def from_factors(
+        cls,
+        U: torch.Tensor,
+        V: torch.Tensor,
+        bias: torch.Tensor | None,
+        source: SourceKind = "linear",
+    ) -> LowRankLinear:
+        """A layer holding given factors U: [out, r] and V: [r, in] (copied) and the bias.
+
+        For factorizations computed elsewhere (the data-aware ones in
+        :mod:`hfcompress.decompose.calibrated`).
+        """
+        if U.ndim != 2 or V.ndim != 2 or U.shape[1] != V.shape[0]:
+            raise InvalidParameterError(
+                f"factors: expected U [out, r] and V [r, in], "
+                f"got {list(U.shape)} and {list(V.shape)}"
+            )
         layer = cls(
-            in_features,
-            out_features,
+            V.shape[1],
+            U.shape[0],
             U.shape[1],
-            bias=module.bias is not None,
+            bias=bias is not None,
             source=source,
-            device=W.device,
-            dtype=W.dtype,
+            device=U.device,
+            dtype=U.dtype,
         )
         with torch.no_grad():
             layer.u.weight.copy_(U)
             layer.v.weight.copy_(V)
-            if module.bias is not None:
-                layer.u.bias.copy_(module.bias)
+            if bias is not None:
+                layer.u.bias.copy_(bias)
         return layer
 
     @classmethod

@@ -70,6 +70,16 @@ def resolve_sparsity(pattern: str, sparsity: float | None) -> float:
     return implied
 
 
+def _check_nm_divides(pattern: str, in_features: int) -> None:
+    if pattern != UNSTRUCTURED:
+        m = parse_nm_pattern(pattern)[1]
+        if in_features % m:
+            raise InvalidParameterError(
+                f"pattern={pattern!r}: N:M groups run along the input dimension, which "
+                f"must be divisible by {m}; got in_features={in_features}"
+            )
+
+
 def compute_mask(W: torch.Tensor, pattern: str, sparsity: float) -> torch.Tensor:
     """Magnitude mask of W: [out, in] for ``pattern`` (sparsity applies to unstructured only)."""
     if pattern == UNSTRUCTURED:
@@ -154,13 +164,7 @@ class PrunedLinear(CompressedLayer):
         self._init_common(in_features, out_features, source)
         self.pattern = normalize_pattern(pattern)
         self.sparsity = resolve_sparsity(self.pattern, sparsity)
-        if self.pattern != UNSTRUCTURED:
-            m = parse_nm_pattern(self.pattern)[1]
-            if in_features % m:
-                raise InvalidParameterError(
-                    f"pattern={self.pattern!r}: N:M groups run along the input dimension, which "
-                    f"must be divisible by {m}; got in_features={in_features}"
-                )
+        _check_nm_divides(self.pattern, in_features)
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.zeros(out_features, in_features, **factory))
         self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
@@ -189,24 +193,51 @@ class PrunedLinear(CompressedLayer):
             InvalidParameterError: bad sparsity or pattern, or ``in`` not divisible by M.
             UnsupportedModuleError: the module is neither Linear nor Conv1D.
         """
-        source = source_kind(module)
         W = dense_weight_of(module)
-        out_features, in_features = W.shape
+        pattern = normalize_pattern(pattern)
+        sparsity = resolve_sparsity(pattern, sparsity)
+        _check_nm_divides(pattern, W.shape[1])
+        mask = compute_mask(W, pattern, sparsity)
+        return cls.from_weight(W, mask, module.bias, source_kind(module), pattern, sparsity)
+
+    @classmethod
+    def from_weight(
+        cls,
+        weight: torch.Tensor,
+        mask: torch.Tensor,
+        bias: torch.Tensor | None,
+        source: SourceKind = "linear",
+        pattern: str = UNSTRUCTURED,
+        sparsity: float | None = None,
+    ) -> PrunedLinear:
+        """A layer holding W: [out, in] (zeroed where ``mask`` is False), the mask and the bias.
+
+        For masks and weights computed elsewhere (Wanda, SparseGPT's updated weights). With
+        ``sparsity=None`` an unstructured layer records the mask's measured sparsity.
+        """
+        if weight.shape != mask.shape or mask.dtype != torch.bool:
+            raise InvalidParameterError(
+                f"mask: expected a bool tensor of the weight's shape {list(weight.shape)}, got "
+                f"{mask.dtype} {list(mask.shape)}"
+            )
+        if sparsity is None and normalize_pattern(pattern) == UNSTRUCTURED:
+            sparsity = 1.0 - float(mask.sum()) / mask.numel()
+        out_features, in_features = weight.shape
         layer = cls(
             in_features,
             out_features,
-            bias=module.bias is not None,
+            bias=bias is not None,
             pattern=pattern,
             sparsity=sparsity,
             source=source,
-            device=W.device,
-            dtype=W.dtype,
+            device=weight.device,
+            dtype=weight.dtype,
         )
         with torch.no_grad():
-            layer.mask.copy_(compute_mask(W, layer.pattern, layer.sparsity))
-            layer.weight.copy_(W * layer.mask)
-            if module.bias is not None:
-                layer.bias.copy_(module.bias)
+            layer.mask.copy_(mask)
+            layer.weight.copy_(weight * mask)
+            if bias is not None:
+                layer.bias.copy_(bias)
         return layer
 
     @classmethod
