@@ -18,6 +18,7 @@ ORDER = [
     "decompose",
     "recipe",
     "layers",
+    "calibration",
     "surgery",
     "serialization",
     "training",

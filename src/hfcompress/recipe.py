@@ -45,6 +45,10 @@ from pydantic import (
 from hfcompress.errors import HfCompressError
 
 RECIPE_VERSION = 1
+# Criteria that need calibration data (compress_model(..., calibration=...)), and those of them
+# that need the inputs' Gram matrix X·Xᵀ rather than per-feature norms.
+CALIBRATED_CRITERIA = frozenset({"wanda", "sparsegpt", "activation", "whitened", "fisher"})
+GRAM_CRITERIA = frozenset({"sparsegpt", "whitened"})
 _NM = re.compile(r"^(\d+):(\d+)$")
 
 
@@ -111,6 +115,16 @@ class _Stage(BaseModel):
     def _merge(base: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
         return {**base, **settings}
 
+    @property
+    def criterion_name(self) -> str:
+        """The stage's criterion (each method's stage class defines the field)."""
+        return str(getattr(self, "criterion", ""))
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether this stage's criterion needs calibration data."""
+        return self.criterion_name in CALIBRATED_CRITERIA
+
     def settings_for(self, module_name: str) -> _Stage:
         """This stage with the first matching override applied (the stage itself if none)."""
         for key, settings in self.overrides.items():
@@ -138,6 +152,12 @@ class PruneStage(_Stage):
     pattern: str = Field(
         default="unstructured",
         description="'unstructured' or 'N:M' (keep N of every M consecutive inputs, N < M).",
+    )
+    criterion: Literal["magnitude", "wanda", "sparsegpt"] = Field(
+        default="magnitude",
+        description="'magnitude' (data-free), 'wanda' (|W|·‖X‖, Sun et al. 2023) or 'sparsegpt' "
+        "(OBS updates with the Hessian X·Xᵀ, Frantar & Alistarh 2023); the last two need "
+        "calibration data.",
     )
 
     @field_validator("pattern")
@@ -186,12 +206,23 @@ class LowRankStage(_Stage):
     energy: float | None = Field(
         default=None, gt=0.0, le=1.0, description="Fraction of Σσᵢ² the kept rank retains."
     )
+    criterion: Literal["svd", "activation", "whitened", "fisher"] = Field(
+        default="svd",
+        description="'svd' (data-free, minimizes ‖W − Ŵ‖), 'activation' (ASVD scaling), 'whitened' "
+        "(SVD-LLM, minimizes ‖(W − Ŵ)X‖) or 'fisher' (FWSVD row weights from squared "
+        "gradients); all but 'svd' need calibration data.",
+    )
 
     @model_validator(mode="after")
     def _exactly_one(self) -> LowRankStage:
         given = [k for k in ("rank", "ratio", "energy") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(f"rank/ratio/energy: give exactly one, got {given or 'none'}")
+        if self.energy is not None and self.criterion != "svd":
+            raise ValueError(
+                f"energy: selects ranks from W's own spectrum, so only with criterion 'svd'; "
+                f"use rank or ratio with criterion {self.criterion!r}"
+            )
         return self
 
     @staticmethod
@@ -219,6 +250,12 @@ class KroneckerStage(_Stage):
         description="(m1, n1), the shape of A; must divide the weight's [out, in]."
     )
     terms: int = Field(default=1, ge=1, description="Number of Kronecker terms k.")
+    criterion: Literal["vanloan", "activation"] = Field(
+        default="vanloan",
+        description="'vanloan' (data-free nearest Kronecker sum) or 'activation' (weights the "
+        "problem by the inputs' norms, minimizing the output error); 'activation' needs "
+        "calibration data.",
+    )
 
     @field_validator("a_shape")
     @classmethod

@@ -22,6 +22,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from hfcompress._version import __version__
+from hfcompress.calibration import (
+    Batch,
+    InputStats,
+    build_calibrated,
+    calibration_batches,
+    collect_stats,
+    fisher_row_importance,
+    layer_stack,
+    run_layerwise,
+)
 from hfcompress.errors import HfCompressError, InvalidParameterError
 from hfcompress.layers import (
     CompressedLayer,
@@ -33,7 +43,7 @@ from hfcompress.layers import (
     module_spec,
     source_kind,
 )
-from hfcompress.recipe import Recipe, RecipeError, Stage
+from hfcompress.recipe import GRAM_CRITERIA, Recipe, RecipeError, Stage
 
 SPEC_FORMAT_VERSION = 1
 QUANT_METHOD = "hfcompress"
@@ -90,6 +100,7 @@ class ModuleReport:
     params_after: int  # parameters that can be non-zero
     settings: dict[str, Any]
     rel_error: float | None  # ‖W − Ŵ‖_F / ‖W‖_F against the weight before the recipe
+    output_error: float | None = None  # ‖(W − Ŵ)X‖_F / ‖WX‖_F on calibration inputs, if known
 
 
 @dataclass
@@ -271,9 +282,15 @@ def _check_op(op: _Op, virtual: _Virtual) -> _Virtual:
 
 
 def plan_compression(
-    model: nn.Module, recipe: Recipe | dict | str
+    model: nn.Module, recipe: Recipe | dict | str, *, calibrated: bool = False
 ) -> tuple[list[_Op], list[tuple[str, str]]]:
     """Validate the whole recipe against the model without changing it.
+
+    Args:
+        model: the model.
+        recipe: the recipe (dict, :class:`Recipe` or path).
+        calibrated: whether calibration data will be given; criteria that need it are refused
+            otherwise.
 
     Returns:
         The operations in order, and the (module, reason) pairs skipped (tied weights).
@@ -307,15 +324,44 @@ def plan_compression(
         for name in eligible:
             op = _Op(index, stage.settings_for(name), name, units[name].kind)
             try:
+                _check_criterion(op, calibrated)
                 units[name] = _check_op(op, units[name])
             except (InvalidParameterError, RecipeError) as error:
                 errors.append(f"{where}, module {name!r}: {error}")
                 continue
             ops.append(op)
+    errors += _check_layer_stack(model, ops)
     if errors:
         shown = errors[:20] + ([f"... and {len(errors) - 20} more"] if len(errors) > 20 else [])
         raise RecipeError("recipe does not fit the model:\n  " + "\n  ".join(shown))
     return ops, list(skipped.items())
+
+
+def _check_criterion(op: _Op, calibrated: bool) -> None:
+    stage = op.stage
+    if not stage.needs_calibration:
+        return
+    if not calibrated:
+        raise RecipeError(
+            f"criterion: {stage.criterion_name!r} needs calibration data; pass "
+            "compress_model(model, recipe, calibration=...) or use a data-free criterion"
+        )
+    if op.acts_on != "dense":
+        raise RecipeError(
+            f"criterion: {stage.criterion_name!r} acts on a dense Linear/Conv1D; after "
+            f"{op.acts_on!r} only the data-free criterion is supported"
+        )
+
+
+def _check_layer_stack(model: nn.Module, ops: list[_Op]) -> list[str]:
+    names = sorted({op.module_name for op in ops if op.stage.needs_calibration})
+    if not names:
+        return []
+    try:
+        layer_stack(model, names)
+    except HfCompressError as error:
+        return [f"criterion: {error}"]
+    return []
 
 
 def _no_match_message(
@@ -396,16 +442,24 @@ def compress_model(
     model: nn.Module,
     recipe: Recipe | dict | str,
     *,
+    calibration: Any = None,
     dry_run: bool = False,
     progress: bool = True,
+    calibration_batch_size: int = 8,
 ) -> CompressionReport:
     """Compress ``model`` in place according to ``recipe``.
 
     Args:
         model: any ``transformers.PreTrainedModel`` (or ``nn.Module``) with Linear/Conv1D layers.
         recipe: a :class:`~hfcompress.recipe.Recipe`, a dict, or a JSON/YAML path.
+        calibration: data for the data-aware criteria (``wanda``, ``sparsegpt``, ``whitened``,
+            ``activation``, ``fisher``): a LongTensor [n, seq], a list of tokenized examples, a
+            ``datasets.Dataset`` with ``input_ids``, or a DataLoader. The model is then
+            compressed block by block, each block calibrated on the outputs of the already
+            compressed blocks before it (SparseGPT's sequential scheme).
         dry_run: compute everything (including reconstruction errors) but change nothing.
-        progress: show a progress bar while decomposing.
+        progress: show progress bars while decomposing / calibrating.
+        calibration_batch_size: batch size when ``calibration`` is a tensor.
 
     Returns:
         A :class:`CompressionReport`; ``print(report)`` shows the per-module table.
@@ -419,51 +473,150 @@ def compress_model(
         ...     {"method": "lowrank", "targets": r".*mlp\\..*", "ratio": 0.5}]})
         >>> print(report)
     """
-    ops, skipped = plan_compression(model, recipe)
+    batches = (
+        None if calibration is None else calibration_batches(calibration, calibration_batch_size)
+    )
+    ops, skipped = plan_compression(model, recipe, calibrated=batches is not None)
     report = CompressionReport(skipped=skipped, dry_run=dry_run)
     report.model_params_before = _model_params(model)
-    current: dict[str, nn.Module] = {}  # module name -> its latest replacement
-    originals: dict[str, nn.Module] = {}
-    methods: dict[str, list[str]] = {}
-    undo: list[tuple[str, nn.Module]] = []
+    calibrated = [op for op in ops if op.stage.needs_calibration]
+    # The layer-by-layer pass must really swap modules so later blocks see them; a dry run
+    # then undoes everything, exactly as a failure does.
+    applier = _Applier(model, swap=not dry_run or bool(calibrated))
     try:
         with torch.no_grad():
-            for op in _iterate(ops, progress):
-                module = current.get(op.module_name) or model.get_submodule(op.module_name)
-                originals.setdefault(op.module_name, module)
-                new = _build(op, module)
-                current[op.module_name] = new
-                methods.setdefault(op.module_name, []).append(op.stage.method)
-                if not dry_run:
-                    undo.append((op.module_name, module))
-                    _set_module(model, op.module_name, new)
+            if calibrated:
+                _apply_layerwise(model, ops, batches, applier, progress)
+            else:
+                for op in _iterate(ops, progress):
+                    applier.apply(op)
     except Exception as error:
-        for name, module in reversed(undo):
-            _set_module(model, name, module)
-        raise HfCompressError(
-            f"compress_model: failed on module {op.module_name!r} in stages[{op.stage_index}] "
-            f"({op.stage.method}); the model was restored unchanged: {error}"
-        ) from error
-    for name, new in current.items():
-        original = originals[name]
-        W = dense_weight_of(original)
-        report.modules.append(
-            ModuleReport(
-                name=name,
-                methods=methods[name],
-                shape=(W.shape[0], W.shape[1]),
-                source=new.source,
-                params_before=_params(original),
-                params_after=_params(new),
-                settings=_settings(new),
-                rel_error=_relative_error(W, new),
-            )
+        applier.undo()
+        op = applier.last
+        where = (
+            "before any module was replaced"
+            if op is None
+            else f"on module {op.module_name!r} in stages[{op.stage_index}] ({op.stage.method})"
         )
+        raise HfCompressError(
+            f"compress_model: failed {where}; the model was restored unchanged: {error}"
+        ) from error
+    report.modules = applier.report_rows()
     saved = sum(m.params_before - m.params_after for m in report.modules)
     report.model_params_after = report.model_params_before - saved
-    if not dry_run:
+    if dry_run:
+        applier.undo()
+    else:
         record_compression(model)
     return report
+
+
+class _Applier:
+    """Applies operations one by one, remembering what it needs to report and to undo."""
+
+    def __init__(self, model: nn.Module, swap: bool) -> None:
+        self.model = model
+        self.swap = swap
+        self.current: dict[str, nn.Module] = {}  # module name -> its latest replacement
+        self.originals: dict[str, nn.Module] = {}
+        self.methods: dict[str, list[str]] = {}
+        self.stats: dict[str, InputStats] = {}
+        self.undo_log: list[tuple[str, nn.Module]] = []
+        self.last: _Op | None = None
+
+    def apply(
+        self, op: _Op, stats: InputStats | None = None, fisher: torch.Tensor | None = None
+    ) -> None:
+        self.last = op
+        module = self.current.get(op.module_name) or self.model.get_submodule(op.module_name)
+        self.originals.setdefault(op.module_name, module)
+        if op.stage.needs_calibration:
+            new = build_calibrated(op.stage, module, stats, fisher)
+            if stats is not None and stats.gram is not None:
+                self.stats[op.module_name] = stats
+        else:
+            new = _build(op, module)
+        self.current[op.module_name] = new
+        self.methods.setdefault(op.module_name, []).append(op.stage.method)
+        if self.swap:
+            self.undo_log.append((op.module_name, module))
+            _set_module(self.model, op.module_name, new)
+
+    def undo(self) -> None:
+        for name, module in reversed(self.undo_log):
+            _set_module(self.model, name, module)
+        self.undo_log.clear()
+
+    def report_rows(self) -> list[ModuleReport]:
+        rows = []
+        for name, new in self.current.items():
+            original = self.originals[name]
+            W = dense_weight_of(original)
+            stats = self.stats.get(name)
+            rows.append(
+                ModuleReport(
+                    name=name,
+                    methods=self.methods[name],
+                    shape=(W.shape[0], W.shape[1]),
+                    source=new.source,
+                    params_before=_params(original),
+                    params_after=_params(new),
+                    settings=_settings(new),
+                    rel_error=_relative_error(W, new),
+                    output_error=None if stats is None else _output_error(W, new, stats.gram),
+                )
+            )
+        return rows
+
+
+def _apply_layerwise(
+    model: nn.Module, ops: list[_Op], batches: list[Batch], applier: _Applier, progress: bool
+) -> None:
+    """Apply every operation, the ones inside the layer stack block by block on calibration data."""
+    prefix, stack = layer_stack(
+        model, sorted({op.module_name for op in ops if op.stage.needs_calibration})
+    )
+    fisher_names = sorted({op.module_name for op in ops if op.stage.criterion_name == "fisher"})
+    fisher = fisher_row_importance(model, batches, fisher_names) if fisher_names else {}
+    by_block: dict[int, list[_Op]] = {}
+    outside: list[_Op] = []
+    for op in ops:
+        index = _block_index(prefix, op.module_name)
+        (outside if index is None else by_block.setdefault(index, [])).append(op)
+
+    def compress_block(index: int, block: nn.Module, inputs: list[tuple]) -> None:
+        block_ops = by_block.get(index, [])
+        wanted = {
+            op.module_name.removeprefix(f"{prefix}.{index}."): op.stage.criterion_name
+            in GRAM_CRITERIA
+            for op in block_ops
+            if op.stage.needs_calibration
+        }
+        stats = collect_stats(block, inputs, wanted) if wanted else {}
+        for op in block_ops:
+            relative = op.module_name.removeprefix(f"{prefix}.{index}.")
+            applier.apply(op, stats.get(relative), fisher.get(op.module_name))
+
+    run_layerwise(model, batches, stack, compress_block, progress)
+    for op in outside:
+        applier.apply(op)
+
+
+def _block_index(prefix: str, name: str) -> int | None:
+    head = prefix + "."
+    if not name.startswith(head):
+        return None
+    index = name[len(head) :].split(".", 1)[0]
+    return int(index) if index.isdigit() else None
+
+
+def _output_error(W: torch.Tensor, module: nn.Module, gram: torch.Tensor) -> float:
+    """‖(W − Ŵ)X‖_F / ‖W X‖_F from the Gram matrix G = X·Xᵀ: √tr(Δ G Δᵀ) / √tr(W G Wᵀ)."""
+    W32 = W.detach().float().to(gram.device)
+    delta = W32 - dense_weight_of(module).detach().float().to(gram.device)
+    num = ((delta @ gram) * delta).sum().clamp_min(0).sqrt()
+    den = ((W32 @ gram) * W32).sum().clamp_min(1e-30).sqrt()
+    return float(num / den)
 
 
 def _model_params(model: nn.Module) -> int:

@@ -4,6 +4,15 @@ Every function computes in fp32 whatever the input dtype, and returns tensors in
 dtype and on its device, so a bf16 model on CUDA is decomposed accurately without leaving the GPU.
 """
 
+from hfcompress.decompose.calibrated import (
+    activation_svd_factors,
+    fisher_svd_factors,
+    scaled_nearest_kronecker,
+    sparsegpt_prune,
+    wanda_mask,
+    wanda_scores,
+    whitened_svd_factors,
+)
 from hfcompress.decompose.kronecker import (
     KroneckerShape,
     kron_rearrange,
@@ -29,6 +38,8 @@ from hfcompress.decompose.svd import (
 
 __all__ = [
     "KroneckerShape",
+    "activation_svd_factors",
+    "fisher_svd_factors",
     "kron_rearrange",
     "kronecker_error",
     "kronecker_shapes",
@@ -42,6 +53,11 @@ __all__ = [
     "rank_for_energy",
     "rank_for_ratio",
     "resolve_rank",
+    "scaled_nearest_kronecker",
+    "sparsegpt_prune",
     "svd_factors",
     "unpack_bitmask",
+    "wanda_mask",
+    "wanda_scores",
+    "whitened_svd_factors",
 ]

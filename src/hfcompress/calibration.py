@@ -1,0 +1,333 @@
+"""Calibration: the statistics data-aware criteria need, gathered layer by layer.
+
+SparseGPT (Frantar & Alistarh 2023) compresses a transformer one block at a time: the inputs of
+block i are the outputs of blocks < i *after* they were compressed, so later layers see (and
+correct for) earlier layers' errors, and memory stays near one block's activations plus the
+model. :func:`run_layerwise` does that for any model whose layers sit in one ``nn.ModuleList``:
+it captures the inputs of the first block once, then for each block gathers the input statistics
+of the Linear layers that need them (forward hooks, fp32 accumulation), lets the caller compress
+the block, and runs the compressed block to produce the next block's inputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from hfcompress.decompose.calibrated import (
+    activation_svd_factors,
+    fisher_svd_factors,
+    scaled_nearest_kronecker,
+    sparsegpt_prune,
+    wanda_mask,
+    whitened_svd_factors,
+)
+from hfcompress.errors import HfCompressError, InvalidParameterError
+from hfcompress.layers import (
+    CompressedLayer,
+    KroneckerLinear,
+    LowRankLinear,
+    PrunedLinear,
+    dense_weight_of,
+    source_kind,
+)
+from hfcompress.recipe import Stage
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class InputStats:
+    """Statistics of a Linear layer's inputs X: [N, in] over N calibration tokens (fp32).
+
+    Attributes:
+        count: N, the tokens seen.
+        sq_sum: Σ x² per input feature, [in]; ‖X_j‖₂ = √sq_sum (Wanda).
+        abs_sum: Σ |x| per input feature, [in]; mean |x_j| = abs_sum / N (ASVD).
+        gram: Σ x·xᵀ, [in, in] = X·Xᵀ (SparseGPT's Hessian, SVD-LLM's whitening); only when asked.
+    """
+
+    count: int = 0
+    sq_sum: torch.Tensor | None = None
+    abs_sum: torch.Tensor | None = None
+    gram: torch.Tensor | None = None
+    want_gram: bool = field(default=False, repr=False)
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        if self.sq_sum is None:
+            self.sq_sum = torch.zeros(x.shape[1], device=x.device)
+            self.abs_sum = torch.zeros(x.shape[1], device=x.device)
+            if self.want_gram:
+                self.gram = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+        self.count += x.shape[0]
+        self.sq_sum += x.square().sum(0)
+        self.abs_sum += x.abs().sum(0)
+        if self.gram is not None:
+            self.gram.addmm_(x.T, x)
+
+    @property
+    def input_norm(self) -> torch.Tensor:
+        """‖X_j‖₂ per input feature, [in]."""
+        return self.sq_sum.sqrt()
+
+    @property
+    def mean_abs(self) -> torch.Tensor:
+        """mean |x_j| per input feature, [in]."""
+        return self.abs_sum / max(self.count, 1)
+
+
+def calibration_batches(calibration: Any, batch_size: int = 8) -> list[Batch]:
+    """Normalize calibration data to a list of ``{"input_ids": [b, seq], ...}`` batches.
+
+    Accepts a LongTensor [n, seq], a list of tokenized examples (dicts with ``input_ids``, or
+    lists/tensors of ids), a ``datasets.Dataset`` with an ``input_ids`` column, or any iterable
+    of batches (a ``DataLoader``).
+
+    Raises:
+        InvalidParameterError: anything else, or no data.
+    """
+    batches: list[Batch] = []
+    if isinstance(calibration, torch.Tensor):
+        if calibration.dtype != torch.long or calibration.ndim != 2:
+            raise InvalidParameterError(
+                f"calibration: expected a LongTensor [n, seq], got {calibration.dtype} "
+                f"{list(calibration.shape)}"
+            )
+        batches = [{"input_ids": chunk} for chunk in calibration.split(batch_size)]
+    elif hasattr(calibration, "column_names"):  # a datasets.Dataset
+        if "input_ids" not in calibration.column_names:
+            raise InvalidParameterError(
+                "calibration: the dataset has no 'input_ids' column; "
+                f"it has {calibration.column_names}"
+            )
+        batches = [_as_batch(row) for row in calibration]
+    elif isinstance(calibration, Iterable):
+        batches = [_as_batch(item) for item in calibration]
+    else:
+        raise InvalidParameterError(
+            f"calibration: expected a LongTensor [n, seq], a list of tokenized examples, a "
+            f"datasets.Dataset with input_ids, or a DataLoader; got {type(calibration).__name__}"
+        )
+    if not batches:
+        raise InvalidParameterError("calibration: no examples")
+    return batches
+
+
+def _as_batch(item: Any) -> Batch:
+    if isinstance(item, dict) or hasattr(item, "keys"):
+        if "input_ids" not in item:
+            raise InvalidParameterError(
+                f"calibration: an example has no 'input_ids'; keys: {sorted(item.keys())}"
+            )
+        ids = torch.as_tensor(item["input_ids"])
+        batch = {"input_ids": ids if ids.ndim == 2 else ids.unsqueeze(0)}
+        if "attention_mask" in item:
+            mask = torch.as_tensor(item["attention_mask"])
+            batch["attention_mask"] = mask if mask.ndim == 2 else mask.unsqueeze(0)
+        return batch
+    ids = torch.as_tensor(item)
+    if ids.dtype not in (torch.long, torch.int, torch.int32):
+        raise InvalidParameterError(f"calibration: expected token ids, got {ids.dtype}")
+    return {"input_ids": (ids if ids.ndim == 2 else ids.unsqueeze(0)).long()}
+
+
+def layer_stack(model: nn.Module, module_names: Iterable[str]) -> tuple[str, nn.ModuleList]:
+    """The ``nn.ModuleList`` of blocks holding all of ``module_names`` (e.g. ``model.layers``).
+
+    Raises:
+        HfCompressError: no single layer stack holds them all.
+    """
+    names = list(module_names)
+    best: tuple[str, nn.ModuleList] | None = None
+    for prefix, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            inside = all(n.startswith(prefix + ".") for n in names)
+            if inside and (best is None or len(prefix) > len(best[0])):
+                best = (prefix, module)
+    if best is None:
+        raise HfCompressError(
+            f"calibration: data-aware criteria need their modules inside one stack of layers "
+            f"(an nn.ModuleList such as model.layers); these are not: {names[:4]}"
+        )
+    return best
+
+
+class _StopForwardSignal(Exception):  # noqa: N818 (control flow, not an error)
+    """Raised by the capture hook: the rest of the model need not run."""
+
+
+def _capture_inputs(model: nn.Module, first: nn.Module, batches: list[Batch]) -> list[tuple]:
+    captured: list[tuple] = []
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        captured.append((args, kwargs))
+        raise _StopForwardSignal
+
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    device = next(model.parameters()).device
+    try:
+        for batch in batches:
+            with torch.no_grad(), contextlib.suppress(_StopForwardSignal):
+                model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False)
+    finally:
+        handle.remove()
+    return captured
+
+
+def _next_inputs(block: nn.Module, inputs: list[tuple]) -> list[tuple]:
+    outputs = []
+    with torch.no_grad():
+        for args, kwargs in inputs:
+            out = block(*args, **kwargs)
+            hidden = out[0] if isinstance(out, (tuple, list)) else out
+            if args:
+                outputs.append(((hidden, *args[1:]), kwargs))
+            else:
+                outputs.append(((), {**kwargs, "hidden_states": hidden}))
+    return outputs
+
+
+def collect_stats(
+    block: nn.Module, inputs: list[tuple], wanted: dict[str, bool]
+) -> dict[str, InputStats]:
+    """Run ``block`` on its inputs and gather :class:`InputStats` for the modules in ``wanted``.
+
+    Args:
+        block: one block of the layer stack.
+        inputs: (args, kwargs) pairs, one per calibration batch.
+        wanted: {module name relative to the block: whether the Gram matrix X·Xᵀ is needed}.
+    """
+    stats = {name: InputStats(want_gram=gram) for name, gram in wanted.items()}
+    handles = [
+        block.get_submodule(name).register_forward_pre_hook(
+            lambda _module, args, s=stats[name]: s.add(args[0])
+        )
+        for name in wanted
+    ]
+    try:
+        with torch.no_grad():
+            for args, kwargs in inputs:
+                block(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return stats
+
+
+def run_layerwise(
+    model: nn.Module,
+    batches: list[Batch],
+    stack: nn.ModuleList,
+    compress_block: Callable[[int, nn.Module, list[tuple]], None],
+    progress: bool = True,
+) -> None:
+    """Compress ``stack`` block by block on calibration data, each block seeing compressed inputs.
+
+    ``compress_block(index, block, inputs)`` gathers what it needs (see :func:`collect_stats`)
+    and compresses the block in place; its outputs then feed the next block.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        inputs = _capture_inputs(model, stack[0], batches)
+        for index, block in enumerate(_iterate(stack, progress)):
+            compress_block(index, block, inputs)
+            if index + 1 < len(stack):
+                inputs = _next_inputs(block, inputs)
+    finally:
+        model.train(was_training)
+
+
+def _iterate(stack: nn.ModuleList, progress: bool) -> Iterator[nn.Module]:
+    return iter(tqdm(stack, desc="hfcompress: calibrating", unit="block", disable=not progress))
+
+
+def fisher_row_importance(
+    model: nn.Module, batches: list[Batch], module_names: list[str]
+) -> dict[str, torch.Tensor]:
+    """Σ over batches of (∂L/∂W)² summed over each output row, [out] per module (FWSVD).
+
+    Hsu et al. (2022) weight a row of W by its Fisher information, estimated from squared
+    gradients of the language-modeling loss on calibration data (labels = input_ids).
+    """
+    modules = {name: model.get_submodule(name) for name in module_names}
+    importance = {name: None for name in module_names}
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            model.zero_grad(set_to_none=True)
+            inputs = {k: v.to(device) for k, v in batch.items()}
+            with torch.enable_grad():  # compress_model runs under no_grad
+                loss = model(**inputs, labels=inputs["input_ids"], use_cache=False).loss
+                loss.backward()
+            for name, module in modules.items():
+                grad = module.weight.grad
+                if grad is None:
+                    raise HfCompressError(f"fisher: module {name!r} received no gradient")
+                grad = (grad.T if source_kind(module) == "conv1d" else grad).float()  # [out, in]
+                rows = grad.square().sum(1)
+                importance[name] = rows if importance[name] is None else importance[name] + rows
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    return importance
+
+
+def build_calibrated(
+    stage: Stage,
+    module: nn.Module,
+    stats: InputStats | None,
+    fisher: torch.Tensor | None = None,
+) -> CompressedLayer:
+    """The compressed layer a data-aware ``stage`` makes of a dense ``module``.
+
+    Each criterion minimizes an error on the calibration inputs X rather than on W alone: see
+    :mod:`hfcompress.decompose.calibrated` for what each one minimizes and its paper.
+
+    Raises:
+        HfCompressError: the statistics the criterion needs are missing.
+    """
+    criterion = stage.criterion_name
+    W = dense_weight_of(module)
+    bias, source = module.bias, source_kind(module)
+    if criterion == "fisher":
+        if fisher is None:
+            raise HfCompressError("criterion 'fisher': no gradient statistics for this module")
+        U, V = fisher_svd_factors(W, fisher, **stage.layer_params())
+        return LowRankLinear.from_factors(U, V, bias, source)
+    if stats is None or stats.count == 0:
+        raise HfCompressError(f"criterion {criterion!r}: the module saw no calibration inputs")
+    params = stage.layer_params()
+    if criterion == "wanda":
+        mask = wanda_mask(
+            W, stats.input_norm, sparsity=params["sparsity"], pattern=params["pattern"]
+        )
+        return PrunedLinear.from_weight(
+            W, mask, bias, source, params["pattern"], params["sparsity"]
+        )
+    if criterion == "sparsegpt":
+        pruned, mask = sparsegpt_prune(
+            W, stats.gram, sparsity=params["sparsity"], pattern=params["pattern"]
+        )
+        return PrunedLinear.from_weight(
+            pruned, mask, bias, source, params["pattern"], params["sparsity"]
+        )
+    if criterion == "whitened":
+        U, V = whitened_svd_factors(W, stats.gram, **params)
+        return LowRankLinear.from_factors(U, V, bias, source)
+    if criterion == "activation" and stage.method == "lowrank":
+        U, V = activation_svd_factors(W, stats.mean_abs, **params)
+        return LowRankLinear.from_factors(U, V, bias, source)
+    if criterion == "activation" and stage.method == "kronecker":
+        A, B = scaled_nearest_kronecker(W, params["a_shape"], params["terms"], stats.input_norm)
+        return KroneckerLinear.from_factors(A, B, bias, source)
+    raise HfCompressError(f"criterion {criterion!r} is not defined for method {stage.method!r}")

@@ -1,0 +1,236 @@
+"""Data-aware compression through compress_model(..., calibration=...), layer by layer."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from datasets import Dataset
+from torch.utils.data import DataLoader
+
+import hfcompress.calibration as calibration_module
+from conftest import BLOCK_LINEARS, model_output, tiny_inputs, tiny_model
+from hfcompress import HfCompressError, compress_model
+from hfcompress.calibration import InputStats, calibration_batches
+from hfcompress.errors import InvalidParameterError
+from hfcompress.layers import LowRankLinear, PrunedLinear
+from hfcompress.recipe import RecipeError
+
+CALIBRATION = torch.randint(1, 128, (12, 24), generator=torch.Generator().manual_seed(5))
+
+
+def test_calibration_forms_give_the_same_batches():
+    rows = CALIBRATION[:4]
+    forms = [
+        rows,
+        [{"input_ids": r} for r in rows],
+        [r.tolist() for r in rows],
+        Dataset.from_dict({"input_ids": rows.tolist()}),
+        DataLoader([{"input_ids": r} for r in rows], batch_size=2),
+    ]
+    for form in forms:
+        batches = calibration_batches(form, batch_size=4)
+        assert torch.equal(torch.cat([b["input_ids"] for b in batches]), rows), type(form)
+    with pytest.raises(InvalidParameterError, match="LongTensor"):
+        calibration_batches(torch.randn(2, 3))
+    with pytest.raises(InvalidParameterError, match=r"no 'input_ids' column; it has \['text'\]"):
+        calibration_batches(Dataset.from_dict({"text": ["a"]}))
+    with pytest.raises(InvalidParameterError, match="no examples"):
+        calibration_batches([])
+
+
+def test_input_stats_match_hand_computation():
+    X = torch.randn(3, 5, 4)
+    stats = InputStats(want_gram=True)
+    stats.add(X[:2])
+    stats.add(X[2:])
+    flat = X.reshape(-1, 4).double()
+    assert stats.count == 15
+    assert torch.allclose(stats.input_norm.double(), flat.norm(dim=0), atol=1e-5)
+    assert torch.allclose(stats.mean_abs.double(), flat.abs().mean(0), atol=1e-6)
+    assert torch.allclose(stats.gram.double(), flat.T @ flat, atol=1e-4)
+
+
+def test_block_inputs_are_outputs_of_already_compressed_blocks(monkeypatch):
+    """The Gram matrix used for block 1 equals the one the *compressed* model feeds block 1."""
+    model = tiny_model("llama")
+    dense = copy.deepcopy(model)
+    seen: dict[str, torch.Tensor] = {}
+    real = calibration_module.collect_stats
+
+    def spy(block, inputs, wanted):
+        stats = real(block, inputs, wanted)
+        for name, s in stats.items():
+            seen.setdefault(name + f"@{id(block)}", s.gram.clone())
+        return stats
+
+    monkeypatch.setattr("hfcompress.surgery.collect_stats", spy)
+    recipe = {
+        "stages": [
+            {"method": "prune", "targets": BLOCK_LINEARS, "sparsity": 0.5, "criterion": "sparsegpt"}
+        ]
+    }
+    compress_model(model, recipe, calibration=CALIBRATION, progress=False)
+
+    def gram_into(m, module_name):
+        stats = InputStats(want_gram=True)
+        handle = m.get_submodule(module_name).register_forward_pre_hook(
+            lambda _m, a: stats.add(a[0])
+        )
+        with torch.no_grad():
+            for chunk in CALIBRATION.split(8):
+                m(input_ids=chunk, use_cache=False)
+        handle.remove()
+        return stats.gram
+
+    used = seen["self_attn.q_proj@" + str(id(model.model.layers[1]))]
+    assert torch.allclose(
+        used, gram_into(model, "model.layers.1.self_attn.q_proj"), rtol=1e-4, atol=1e-3
+    )
+    assert not torch.allclose(
+        used, gram_into(dense, "model.layers.1.self_attn.q_proj"), rtol=1e-3, atol=1e-2
+    )
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "opt", "bert"])
+def test_data_aware_beats_data_free_on_output_error(arch):
+    """SparseGPT / whitened SVD minimize the error on the calibration inputs; magnitude / SVD don't."""
+    inputs = {"input_ids": CALIBRATION}
+
+    def logits_error(stage):
+        model = tiny_model(arch)
+        reference = model_output(model, inputs)
+        compress_model(model, {"stages": [stage]}, calibration=CALIBRATION, progress=False)
+        return float((model_output(model, inputs) - reference).norm() / reference.norm())
+
+    prune = {"method": "prune", "targets": BLOCK_LINEARS, "sparsity": 0.5}
+    assert logits_error({**prune, "criterion": "sparsegpt"}) < logits_error(prune)
+    lowrank = {"method": "lowrank", "targets": BLOCK_LINEARS, "rank": 8}
+    assert logits_error({**lowrank, "criterion": "whitened"}) < logits_error(lowrank)
+
+
+@pytest.mark.parametrize(
+    ("stage", "kind"),
+    [
+        ({"method": "prune", "sparsity": 0.5, "criterion": "wanda"}, PrunedLinear),
+        ({"method": "prune", "pattern": "2:4", "criterion": "sparsegpt"}, PrunedLinear),
+        ({"method": "lowrank", "rank": 8, "criterion": "activation"}, LowRankLinear),
+        ({"method": "lowrank", "ratio": 0.5, "criterion": "fisher"}, LowRankLinear),
+        ({"method": "kronecker", "a_shape": [8, 8], "terms": 2, "criterion": "activation"}, None),
+    ],
+)
+def test_every_criterion_builds_layers_and_reports(stage, kind):
+    model = tiny_model("gpt2")
+    report = compress_model(
+        model,
+        {"stages": [{**stage, "targets": BLOCK_LINEARS}]},
+        calibration=CALIBRATION,
+        progress=False,
+    )
+    assert len(report.modules) == 8
+    if kind is PrunedLinear:
+        for module in model.modules():
+            if isinstance(module, PrunedLinear):
+                assert 1 - module.mask.float().mean().item() == pytest.approx(0.5, abs=0.01)
+                assert torch.all(module.weight[~module.mask] == 0)
+    if stage["criterion"] == "sparsegpt":
+        assert all(row.output_error is not None and row.output_error < 1 for row in report.modules)
+
+
+def test_missing_calibration_and_unsupported_cases_are_refused_before_any_change():
+    model = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    stage = {"method": "prune", "targets": BLOCK_LINEARS, "sparsity": 0.5, "criterion": "wanda"}
+    with pytest.raises(
+        RecipeError,
+        match=r"stages\[0\]\(prune\), module .*criterion: 'wanda' needs calibration data",
+    ):
+        compress_model(model, {"stages": [stage]})
+    composed = {
+        "stages": [
+            {"method": "lowrank", "targets": BLOCK_LINEARS, "rank": 8},
+            {**stage, "criterion": "sparsegpt"},
+        ]
+    }
+    with pytest.raises(RecipeError, match=r"after 'lowrank' only the data-free criterion"):
+        compress_model(model, composed, calibration=CALIBRATION)
+    with pytest.raises(RecipeError, match="energy: selects ranks"):
+        compress_model(
+            model,
+            {
+                "stages": [
+                    {"method": "lowrank", "targets": ".*", "energy": 0.9, "criterion": "whitened"}
+                ]
+            },
+        )
+    t5 = tiny_model("t5")
+    with pytest.raises(RecipeError, match="one stack of layers"):
+        compress_model(
+            t5,
+            {
+                "stages": [
+                    {
+                        **stage,
+                        "targets": r".*(encoder|decoder)\.block\.0\.layer\.0\.SelfAttention\.q",
+                    }
+                ]
+            },
+            calibration=CALIBRATION,
+        )
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_dry_run_with_calibration_changes_nothing_and_matches_real_run():
+    model = tiny_model("opt")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    types = {n: type(m) for n, m in model.named_modules()}
+    recipe = {
+        "stages": [
+            {"method": "lowrank", "targets": BLOCK_LINEARS, "rank": 8, "criterion": "whitened"}
+        ]
+    }
+    dry = compress_model(model, recipe, calibration=CALIBRATION, dry_run=True, progress=False)
+    assert {n: type(m) for n, m in model.named_modules()} == types
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    real = compress_model(model, recipe, calibration=CALIBRATION, progress=False)
+    assert [r.rel_error for r in dry.modules] == pytest.approx(
+        [r.rel_error for r in real.modules], rel=1e-5
+    )
+
+
+def test_failure_mid_calibration_restores_the_model(monkeypatch):
+    model = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calls = {"n": 0}
+    real = calibration_module.sparsegpt_prune
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 9:  # in the second block
+            raise RuntimeError("simulated failure")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(calibration_module, "sparsegpt_prune", flaky)
+    recipe = {
+        "stages": [
+            {"method": "prune", "targets": BLOCK_LINEARS, "sparsity": 0.5, "criterion": "sparsegpt"}
+        ]
+    }
+    with pytest.raises(HfCompressError, match="simulated failure"):
+        compress_model(model, recipe, calibration=CALIBRATION, progress=False)
+    assert not any(isinstance(m, PrunedLinear) for m in model.modules())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_bf16_model_calibrates_in_fp32():
+    model = tiny_model("llama").to(torch.bfloat16)
+    recipe = {
+        "stages": [
+            {"method": "prune", "targets": BLOCK_LINEARS, "sparsity": 0.5, "criterion": "sparsegpt"}
+        ]
+    }
+    compress_model(model, recipe, calibration=CALIBRATION, progress=False)
+    layer = model.model.layers[0].self_attn.q_proj
+    assert layer.weight.dtype == torch.bfloat16 and layer.mask.dtype == torch.bool
+    assert torch.isfinite(model_output(model, tiny_inputs("llama", model)).float()).all()
