@@ -20,6 +20,7 @@ ORDER = [
     "layers",
     "calibration",
     "surgery",
+    "planner",
     "serialization",
     "training",
     "evaluation",

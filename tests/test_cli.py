@@ -263,3 +263,41 @@ def test_analyze_bad_targets_exit_2(tiny_folder, tmp_path):
 def test_help_on_new_subcommands(command):
     result = run_cli(command, "--help")
     assert result.returncode == 0 and "usage: hfcompress" in result.stdout
+
+
+def test_plan_writes_a_recipe_that_compress_accepts(tiny_folder, tmp_path):
+    recipe = tmp_path / "plan.yaml"
+    result = run_cli(
+        "plan",
+        str(tiny_folder),
+        "--keep",
+        "0.5",
+        "--targets",
+        r".*mlp\.\w+_proj",
+        "--calibration-text",
+        str(tiny_folder / "text.txt"),
+        "--n-calib",
+        "4",
+        "--seq-len",
+        "16",
+        "--output",
+        str(recipe),
+    )
+    assert result.returncode == 0, result.stderr
+    import yaml
+
+    stage = yaml.safe_load(recipe.read_text())["stages"][0]
+    assert stage["method"] == "lowrank" and stage["criterion"] == "whitened"
+    bad = run_cli(
+        "plan",
+        str(tiny_folder),
+        "--keep",
+        "1.5",
+        "--targets",
+        ".*",
+        "--calibration-text",
+        "x",
+        "--output",
+        "y",
+    )
+    assert bad.returncode == 2 and "fraction" in bad.stderr

@@ -5,6 +5,7 @@ Subcommands:
     compress MODEL         apply a recipe and save the compressed checkpoint
     eval MODEL             perplexity, classification accuracy/F1, size, latency and speedup
     analyze MODEL          rank, stable rank, energy and per-method error of every matrix, plots
+    plan MODEL             per-layer ranks / sparsities for a global budget, written as a recipe
     distill TEACHER        compress a copy of the teacher and distill it on text
     shapes OUT IN          list the Kronecker factor shapes of an [OUT, IN] weight
 
@@ -56,6 +57,7 @@ from hfcompress.evaluation import (
     measure_latency,
     perplexity_of_text,
 )
+from hfcompress.planner import plan_recipe
 from hfcompress.recipe import Recipe
 from hfcompress.surgery import compress_model
 from hfcompress.training import (
@@ -345,6 +347,29 @@ def cmd_analyze(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace, console: Console) -> int:
+    if args.output.exists() and not args.overwrite:
+        raise CliError(f"--output {str(args.output)!r}: exists (pass --overwrite)")
+    text = _read_texts(args.calibration_text)
+    model = load_model(args.model, args.dtype)
+    ids = load_tokenizer(args.model)(text, return_tensors="pt").input_ids[0]
+    usable = (ids.numel() // args.seq_len) * args.seq_len
+    if usable == 0:
+        raise CliError(f"--calibration-text: shorter than one sequence of {args.seq_len} tokens")
+    calibration = ids[:usable].view(-1, args.seq_len)[: args.n_calib]
+    plan = plan_recipe(model, calibration, keep=args.keep, targets=args.targets, method=args.method)
+    console.print(plan.table())
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.output.with_name(f".{args.output.name}.partial")
+    tmp.write_text(plan.recipe.to_yaml(), encoding="utf-8")
+    os.replace(tmp, args.output)
+    console.print(
+        f"recipe written to {args.output}; apply it with: hfcompress compress {args.model} "
+        f"--recipe {args.output} --output DIR (its criterion needs calibration data in Python)"
+    )
+    return 0
+
+
 def fraction(text: str) -> float:
     try:
         value = float(text)
@@ -462,6 +487,21 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--overwrite", action="store_true", help="replace a non-empty --plots")
     _dtype_flag(analyze)
     analyze.set_defaults(func=cmd_analyze)
+
+    plan = sub.add_parser(
+        "plan", help="allocate per-layer ranks or sparsities for a global budget, as a recipe"
+    )
+    plan.add_argument("model", metavar="MODEL", help="local folder or hub id")
+    plan.add_argument("--keep", type=fraction, required=True, help="fraction of parameters kept")
+    plan.add_argument("--targets", required=True, help="regex (re.fullmatch) of modules")
+    plan.add_argument("--method", choices=["lowrank", "prune"], default="lowrank")
+    plan.add_argument("--calibration-text", type=Path, nargs="+", required=True)
+    plan.add_argument("--n-calib", type=positive_int, default=32, help="calibration sequences")
+    plan.add_argument("--seq-len", type=positive_int, default=256)
+    plan.add_argument("--output", type=Path, required=True, help="recipe .yaml to write")
+    plan.add_argument("--overwrite", action="store_true")
+    _dtype_flag(plan)
+    plan.set_defaults(func=cmd_plan)
 
     distill = sub.add_parser(
         "distill",

@@ -1,0 +1,102 @@
+"""The planner: per-layer ranks / sparsities that meet a global budget, as an ordinary recipe."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+
+from conftest import tiny_model
+from hfcompress import compress_model
+from hfcompress.errors import InvalidParameterError
+from hfcompress.planner import _allocate_ranks, plan_recipe
+from hfcompress.recipe import Recipe
+
+CALIBRATION = torch.randint(1, 128, (12, 24), generator=torch.Generator().manual_seed(5))
+MLP = r"model\.layers\.\d+\.mlp\.\w+_proj"
+
+
+def test_lowrank_plan_meets_budget_and_compress_model_agrees():
+    model = tiny_model("llama")
+    plan = plan_recipe(model, CALIBRATION, keep=0.5, targets=MLP, progress=False)
+    assert plan.dense == 6 * 128 * 64
+    assert plan.planned <= plan.budget == int(0.5 * plan.dense)
+    cheapest = min(sum(r.shape) for r in plan.rows)
+    assert plan.budget - plan.planned < cheapest  # nothing else fits
+    recipe = Recipe.load(yaml.safe_load(plan.recipe.to_yaml()))  # YAML round trip
+    report = compress_model(model, recipe, calibration=CALIBRATION, progress=False)
+    ranks = {r.name: r.setting for r in plan.rows}
+    assert {m.name: m.settings["rank"] for m in report.modules} == ranks
+    assert sum(m.params_after for m in report.modules) == plan.planned  # no biases in Llama MLPs
+
+
+def test_greedy_allocation_is_optimal_on_a_small_case():
+    """Brute force over all rank pairs within the budget: the greedy choice has the least error."""
+    spectra = {"a": torch.tensor([0.5, 0.3, 0.1, 0.1]), "b": torch.tensor([0.7, 0.1, 0.1, 0.1])}
+    shapes = {"a": (4, 4), "b": (6, 2)}  # costs 8 per rank each; caps: 2 and 1
+    for budget in range(16, 40):
+        ranks = _allocate_ranks(spectra, shapes, budget)
+        error = sum(float(spectra[n][ranks[n] :].sum()) for n in spectra)
+        best = min(
+            float(spectra["a"][ra:].sum() + spectra["b"][rb:].sum())
+            for ra in range(1, 3)
+            for rb in range(1, 2)
+            if 8 * ra + 8 * rb <= budget
+        )
+        assert error == pytest.approx(best)
+
+
+def test_planned_ranks_beat_uniform_ranks_at_the_same_budget():
+    model = tiny_model("llama")
+    inputs = {"input_ids": CALIBRATION}
+    reference = model(**inputs).logits.detach()
+
+    def logit_error(recipe):
+        m = tiny_model("llama")
+        compress_model(m, recipe, calibration=CALIBRATION, progress=False)
+        return float((m(**inputs).logits.detach() - reference).norm() / reference.norm())
+
+    plan = plan_recipe(model, CALIBRATION, keep=0.3, targets=r".*_proj", progress=False)
+    uniform_rank = max(
+        r for r in range(1, 33) if sum(r * sum(row.shape) for row in plan.rows) <= plan.budget
+    )
+    uniform = {
+        "stages": [
+            {
+                "method": "lowrank",
+                "targets": r".*_proj",
+                "rank": uniform_rank,
+                "criterion": "whitened",
+            }
+        ]
+    }
+    assert logit_error(plan.recipe) <= logit_error(uniform)
+
+
+def test_prune_plan_is_owl_style_and_meets_the_count():
+    model = tiny_model("llama")
+    plan = plan_recipe(
+        model, CALIBRATION, keep=0.5, targets=r".*_proj", method="prune", progress=False
+    )
+    stage = plan.recipe.stages[0]
+    assert stage.criterion == "wanda" and len(stage.overrides) == 2  # one sparsity per block
+    per_block = [s["sparsity"] for s in stage.overrides.values()]
+    assert per_block[0] != per_block[1]
+    assert abs(plan.planned - plan.budget) <= len(plan.rows)  # per-module rounding only
+    report = compress_model(model, plan.recipe, calibration=CALIBRATION, progress=False)
+    kept = sum(m.params_after for m in report.modules)
+    assert kept == plan.planned
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"keep": 1.5}, "keep=1.5"),
+        ({"keep": 0.5, "targets": "nothing"}, "targets='nothing'"),
+        ({"keep": 0.5, "method": "quantize"}, "method='quantize'"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    kwargs = {"targets": MLP, **kwargs}
+    with pytest.raises(InvalidParameterError, match=match):
+        plan_recipe(tiny_model("llama"), CALIBRATION, progress=False, **kwargs)
