@@ -54,6 +54,16 @@ METHODS: dict[str, dict | None] = {
         "criterion": "activation",
     },
     "whitened-mlp50": {"method": "lowrank", "targets": MLP, "ratio": 0.5, "criterion": "whitened"},
+    # the planner at the same MLP budget: per-matrix ranks from whitened spectra
+    "planner-mlp50": {"planner": "lowrank", "targets": MLP, "keep": 0.5},
+    # the planner at 50% of all decoder Linear parameters, against the best uniform recipes
+    "planner-decoder50": {"planner": "lowrank", "targets": DECODER, "keep": 0.5},
+    "whitened-decoder50": {
+        "method": "lowrank",
+        "targets": DECODER,
+        "ratio": 0.5,
+        "criterion": "whitened",
+    },
 }
 
 
@@ -90,7 +100,19 @@ def run_one(args: argparse.Namespace) -> None:
     calibration, eval_ids = token_data(tokenizer, args.n_calib, args.seq_len, args.eval_tokens)
     stage = METHODS[args.one]
     start = time.perf_counter()
-    if stage is not None:
+    if stage is not None and "planner" in stage:
+        from hfcompress.planner import plan_recipe
+
+        plan = plan_recipe(
+            model,
+            calibration,
+            keep=stage["keep"],
+            targets=stage["targets"],
+            method=stage["planner"],
+            progress=False,
+        )
+        hfcompress.compress_model(model, plan.recipe, calibration=calibration, progress=False)
+    elif stage is not None:
         needs_data = stage.get("criterion") not in (None, "magnitude", "svd")
         hfcompress.compress_model(
             model,
