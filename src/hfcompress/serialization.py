@@ -65,8 +65,8 @@ class CheckpointError(HfCompressError, ValueError):
 # --- bitmask packing ------------------------------------------------------------------------------
 
 
-class _DecodeSparse(ConversionOps):
-    """[<p>.weight (values), <p>.weight_bitmask] -> {<p>.weight [out, in], <p>.mask}."""
+class _SparseOp(ConversionOps):
+    """A conversion between a pruned layer's (weight, mask) and its on-disk (values, bitmask)."""
 
     # Two sources to two targets. No ``hf_quantizer`` attribute on purpose: with one,
     # transformers would skip casting the values to the requested load dtype.
@@ -75,6 +75,10 @@ class _DecodeSparse(ConversionOps):
     def __init__(self, module_name: str, in_features: int) -> None:
         self.module_name = module_name
         self.in_features = in_features
+
+
+class _DecodeSparse(_SparseOp):
+    """[<p>.weight (values), <p>.weight_bitmask] -> {<p>.weight [out, in], <p>.mask}."""
 
     def convert(
         self,
@@ -100,14 +104,8 @@ class _DecodeSparse(ConversionOps):
         return _EncodeSparse(self.module_name, self.in_features)
 
 
-class _EncodeSparse(ConversionOps):
+class _EncodeSparse(_SparseOp):
     """The reverse, used if transformers reverts conversions when saving a loaded model."""
-
-    supports_many_to_many = True
-
-    def __init__(self, module_name: str, in_features: int) -> None:
-        self.module_name = module_name
-        self.in_features = in_features
 
     def convert(
         self,
