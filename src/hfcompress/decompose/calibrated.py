@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Literal
 
 import torch
 
@@ -184,6 +185,7 @@ def sparsegpt_prune(
     pattern: str = "unstructured",
     blocksize: int = 128,
     percdamp: float = 0.01,
+    balance: Literal["block", "row"] = "block",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SparseGPT (Frantar & Alistarh, 2023, "SparseGPT: Massive Language Models Can Be
     Accurately Pruned in One-Shot"): prune W and update the kept weights to compensate.
@@ -196,10 +198,12 @@ def sparsegpt_prune(
     W[:, end:] −= Err·Hinv[block, end:] for the rest. Earlier columns are never revisited, so
     each step is OBS with the columns before it frozen.
 
-    Mask selection: ``"unstructured"`` picks each block's mask at once from the saliency, with a
-    per-row threshold (the reference thresholds the whole block), so every row prunes
-    round(sparsity·in) weights in all, spread evenly over the blocks. ``"N:M"`` decides each
-    group of M columns when the sweep reaches it, pruning its M − N lowest saliencies.
+    Mask selection: ``"unstructured"`` picks each block's mask at once from the saliency. With
+    ``balance="block"`` (the reference implementation's choice, and the default) one threshold
+    covers the whole block, so rows may differ in sparsity while the block — and the layer —
+    prunes exactly out·round(sparsity·in) weights; ``balance="row"`` thresholds each row, so every
+    row prunes round(sparsity·in). ``"N:M"`` decides each group of M columns when the sweep
+    reaches it, pruning its M − N lowest saliencies.
 
     Args:
         W: [out, in] weight, any float dtype and device.
@@ -230,6 +234,8 @@ def sparsegpt_prune(
             f"multiples of M = {nm[1]}, so that every N:M group lies inside one block"
         )
     _check_nonnegative("percdamp", percdamp)
+    if balance not in ("block", "row"):
+        raise InvalidParameterError(f"balance={balance!r}: expected 'block' or 'row'")
 
     W32 = W.detach().float().clone()
     Hinv = _inverse_hessian_factor(H32, W32, percdamp)
@@ -242,7 +248,11 @@ def sparsegpt_prune(
         errors = torch.zeros_like(W1)
         if nm is None:
             k = _row_budget(in_features, sparsity, end) - _row_budget(in_features, sparsity, start)
-            prune1.copy_(_lowest_per_row(W1.square() / d.square(), k))
+            saliency = W1.square() / d.square()
+            if balance == "row":
+                prune1.copy_(_lowest_per_row(saliency, k))
+            else:
+                prune1.copy_(_lowest_per_row(saliency.reshape(1, -1), k * W1.shape[0]).view_as(W1))
         for i in range(end - start):
             if nm is not None and i % nm[1] == 0:
                 group = slice(i, i + nm[1])
