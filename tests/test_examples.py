@@ -1,0 +1,22 @@
+"""Smoke tests of the examples that need no real model (tiny or meta-device settings)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+
+import kronypt_gpt2
+
+
+def test_kronypt_table2_parameter_counts_are_exact():
+    # KronyPT (seed 004) Table 2, from GPT2Config() with Kronecker c_fc / c_proj
+    assert kronypt_gpt2.model_size((768, 768)) == 81_972_576
+    assert kronypt_gpt2.model_size((64, 32)) == 67_893_504
+    assert kronypt_gpt2.model_size((1536, 768)) == 96_128_304
+    rows = kronypt_gpt2.table2()
+    assert all(r["model_size"] == r["paper"] for r in rows)
+    assert {"a_shape", "b_shape", "params_per_term", "max_rank", "model_size", "paper"} <= set(
+        rows[0]
+    )
