@@ -113,9 +113,11 @@ def test_sparsegpt_beats_magnitude_output_error(seed, pattern):
     sparsity = 0.5 if pattern == "unstructured" else None
     W_hat, mask = sparsegpt_prune(W, X @ X.T, sparsity, pattern, blocksize=32)
     if pattern == "unstructured":
-        assert int((~mask).sum()) == 16 * 32  # one threshold per block (the reference's choice)
-        _, row_mask = sparsegpt_prune(W, X @ X.T, sparsity, pattern, blocksize=32, balance="row")
-        assert torch.all((~row_mask).sum(dim=1) == 32)  # balance="row": every row alike
+        assert torch.all((~mask).sum(dim=1) == 32)  # balance="row" (default): every row alike
+        _, block_mask = sparsegpt_prune(
+            W, X @ X.T, sparsity, pattern, blocksize=32, balance="block"
+        )
+        assert int((~block_mask).sum()) == 16 * 32  # one threshold per block
         baseline = per_row_magnitude_mask(W, 32)
     else:
         assert torch.all(mask.reshape(16, -1, 4).sum(-1) == 2)

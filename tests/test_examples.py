@@ -20,3 +20,14 @@ def test_kronypt_table2_parameter_counts_are_exact():
     assert {"a_shape", "b_shape", "params_per_term", "max_rank", "model_size", "paper"} <= set(
         rows[0]
     )
+
+
+def test_lora_trainable_counts_of_seed_002_are_exact():
+    import pytest
+
+    pytest.importorskip("peft")
+    import lora_on_compressed
+
+    # seed 002 Table 2, GPT-2 small, r = 4: attention only, then with one MLP matrix
+    assert lora_on_compressed.lora_trainable_params(4, ["c_attn"]) == 147_456
+    assert lora_on_compressed.lora_trainable_params(4, ["c_attn", "c_fc"]) == 331_776
