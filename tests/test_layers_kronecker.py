@@ -89,9 +89,14 @@ def test_forward_never_builds_the_dense_weight(monkeypatch):
         raise AssertionError("forward must not materialize W")
 
     layer = KroneckerLinear.from_module(nn.Linear(16, 12), a_shape=(3, 4), terms=2)
+    x = torch.randn(2, 16)
+    expected = x @ explicit(layer.A, layer.B).T + layer.bias  # before the trap is set
     monkeypatch.setattr(module, "kronecker_sum", forbidden)
     monkeypatch.setattr(torch, "kron", forbidden)
-    layer(torch.randn(2, 16)).sum().backward()
+    y = layer(x)
+    y.sum().backward()
+    assert torch.allclose(y, expected, atol=1e-5)
+    assert layer.A.grad is not None and layer.B.grad is not None
 
 
 @pytest.mark.parametrize(

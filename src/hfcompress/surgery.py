@@ -10,6 +10,7 @@ exactly as it was.
 
 from __future__ import annotations
 
+import io
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -167,17 +168,9 @@ class CompressionReport:
         return table
 
     def __str__(self) -> str:
-        console = Console(width=160, record=True, file=_NullFile())
+        console = Console(width=160, record=True, file=io.StringIO())
         console.print(self.table())
         return console.export_text()
-
-
-class _NullFile:
-    def write(self, _: str) -> int:
-        return 0
-
-    def flush(self) -> None:
-        pass
 
 
 def _is_dense(module: nn.Module) -> bool:
