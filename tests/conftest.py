@@ -43,6 +43,17 @@ def linear_and_conv1d(
     return linear, conv
 
 
+def word_tokenizer(words: list[str]):
+    """An offline word-level HF tokenizer: [PAD] = 0, [UNK] = 1, then ``words`` from id 2."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", *words])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]")
+
+
 def devices() -> list[pytest.param]:
     """CPU always; CUDA as a ``gpu``-marked param."""
     return [

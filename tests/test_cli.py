@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from conftest import tiny_model, word_tokenizer
+
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
@@ -57,17 +59,9 @@ WORDS = "the a of and to in is you that it he was for on are as with his they at
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
     """A tiny Llama with a word-level tokenizer, saved like a hub checkpoint."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    from conftest import tiny_model
-
     folder = tmp_path_factory.mktemp("tiny-llama")
     words = WORDS.split()
-    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]").save_pretrained(folder)
+    word_tokenizer(words).save_pretrained(folder)
     tiny_model("llama").save_pretrained(folder)
     (folder / "text.txt").write_text(" ".join(words * 30))
     (folder / "recipe.yaml").write_text(

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import tiny_model
+from conftest import word_tokenizer as shared_word_tokenizer
 from hfcompress.errors import InvalidParameterError
 from hfcompress.evaluation import (
     perplexity,
@@ -209,14 +210,7 @@ WORDS = [
 
 
 def word_tokenizer():
-    """An offline word-level HF tokenizer over WORDS (ids 2 …), [PAD] = 0, [UNK] = 1."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", *WORDS])}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]")
+    return shared_word_tokenizer(WORDS)
 
 
 TEXTS = ["the cat sat on the mat", "", "then the dog ran and it was very good", "a cat was not bad"]

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from conftest import tiny_model
+from conftest import word_tokenizer as shared_word_tokenizer
 from hfcompress.errors import InvalidParameterError
 from hfcompress.evaluation import accuracy, evaluate_classification, f1_score, predict_classes
 
@@ -44,14 +45,7 @@ TEXTS = [
 
 
 def word_tokenizer():
-    """An offline word-level HF tokenizer over WORDS (ids 2 …), [PAD] = 0, [UNK] = 1."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", *WORDS])}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]")
+    return shared_word_tokenizer(WORDS)
 
 
 def hand_predictions(model: nn.Module, tokenizer, texts: list[str]) -> list[int]:

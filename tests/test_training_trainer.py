@@ -8,7 +8,7 @@ import pytest
 import torch
 from datasets import Dataset
 
-from conftest import BLOCK_LINEARS, tiny_model
+from conftest import BLOCK_LINEARS, tiny_model, word_tokenizer
 from hfcompress import compress_model
 from hfcompress.errors import HfCompressError, InvalidParameterError
 from hfcompress.layers import LowRankLinear, PrunedLinear
@@ -267,16 +267,10 @@ def test_resume_restores_masks_ranks_and_schedule(tmp_path):
 
 
 def test_causal_lm_blocks():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {w: i for i, w in enumerate(["[UNK]", "a", "b", "c", "d", "e"])}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend)
+    tokenizer = word_tokenizer(["a", "b", "c", "d", "e"])  # a = 2, ..., e = 6
     data = Dataset.from_dict({"text": ["a b c", "d e a b", "c d"]})
     blocks = causal_lm_blocks(data, tokenizer, block_size=4)
-    assert blocks["input_ids"] == [[1, 2, 3, 4], [5, 1, 2, 3]]
+    assert blocks["input_ids"] == [[2, 3, 4, 5], [6, 2, 3, 4]]
     assert blocks["labels"] == blocks["input_ids"]
     with pytest.raises(InvalidParameterError, match=r"text_column='body'.*\['text'\]"):
         causal_lm_blocks(data, tokenizer, block_size=4, text_column="body")
