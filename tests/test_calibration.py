@@ -84,13 +84,55 @@ def test_block_inputs_are_outputs_of_already_compressed_blocks(monkeypatch):
         handle.remove()
         return stats.gram
 
-    used = seen["self_attn.q_proj@" + str(id(model.model.layers[1]))]
-    assert torch.allclose(
-        used, gram_into(model, "model.layers.1.self_attn.q_proj"), rtol=1e-4, atol=1e-3
+    block = str(id(model.model.layers[1]))
+    # Every module (o_proj, down_proj included: "true sequential") was calibrated on exactly the
+    # inputs it gets in the final compressed model, and not on the dense model's.
+    for name in ("self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj"):
+        used = seen[f"{name}@{block}"]
+        full = f"model.layers.1.{name}"
+        assert torch.allclose(used, gram_into(model, full), rtol=1e-4, atol=1e-3), name
+        assert not torch.allclose(used, gram_into(dense, full), rtol=1e-3, atol=1e-2), name
+
+
+@pytest.mark.parametrize(
+    ("arch", "block", "expected"),
+    [
+        (
+            "llama",
+            "model.layers.0",
+            [
+                ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+                ["self_attn.o_proj"],
+                ["mlp.gate_proj", "mlp.up_proj"],
+                ["mlp.down_proj"],
+            ],
+        ),
+        (
+            "gpt2",
+            "transformer.h.0",
+            [["attn.c_attn"], ["attn.c_proj"], ["mlp.c_fc"], ["mlp.c_proj"]],
+        ),
+        (
+            "bert",
+            "bert.encoder.layer.0",
+            [
+                ["attention.self.query", "attention.self.key", "attention.self.value"],
+                ["attention.output.dense"],
+                ["intermediate.dense"],
+                ["output.dense"],
+            ],
+        ),
+    ],
+)
+def test_forward_groups_follow_the_data_flow(arch, block, expected):
+    model = tiny_model(arch)
+    names = [n for group in expected for n in group]
+    captured = calibration_module._capture_inputs(
+        model, model.get_submodule(block), calibration_batches(CALIBRATION[:2])
     )
-    assert not torch.allclose(
-        used, gram_into(dense, "model.layers.1.self_attn.q_proj"), rtol=1e-3, atol=1e-2
-    )
+    shuffled = list(reversed(names))  # the order asked in does not matter
+    groups = calibration_module.forward_groups(model.get_submodule(block), captured, shuffled)
+    assert [sorted(g) for g in groups] == [sorted(g) for g in expected]
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "opt", "bert"])
@@ -234,3 +276,30 @@ def test_bf16_model_calibrates_in_fp32():
     layer = model.model.layers[0].self_attn.q_proj
     assert layer.weight.dtype == torch.bfloat16 and layer.mask.dtype == torch.bool
     assert torch.isfinite(model_output(model, tiny_inputs("llama", model)).float()).all()
+
+
+def test_output_gradient_energy_matches_retained_gradients():
+    """G_j = Σ_tokens (∂L/∂y_j)², against y.grad retained in an ordinary backward pass."""
+    model = tiny_model("llama")
+    names = ["model.layers.0.mlp.down_proj", "model.layers.1.self_attn.q_proj"]
+    batches = calibration_batches(CALIBRATION, batch_size=6)
+    energy = calibration_module.output_gradient_energy(model, batches, names)
+    expected = {n: 0.0 for n in names}
+    for batch in batches:
+        outputs = {}
+        handles = [
+            model.get_submodule(n).register_forward_hook(
+                lambda _m, _a, y, n=n, seen=outputs: seen.__setitem__(n, y) or y.retain_grad()
+            )
+            for n in names
+        ]
+        model(**batch, labels=batch["input_ids"]).loss.backward()
+        for handle in handles:
+            handle.remove()
+        for n in names:
+            expected[n] = expected[n] + outputs[n].grad.reshape(
+                -1, outputs[n].shape[-1]
+            ).square().sum(0)
+    for n in names:
+        assert energy[n].shape == (model.get_submodule(n).out_features,)
+        assert torch.allclose(energy[n], expected[n], rtol=1e-4, atol=1e-12)

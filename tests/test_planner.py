@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import yaml
@@ -9,7 +11,7 @@ import yaml
 from conftest import tiny_model
 from hfcompress import compress_model
 from hfcompress.errors import InvalidParameterError
-from hfcompress.planner import _allocate_ranks, plan_recipe
+from hfcompress.planner import _allocate_ranks, _tail_errors, plan_recipe
 from hfcompress.recipe import Recipe
 
 CALIBRATION = torch.randint(1, 128, (12, 24), generator=torch.Generator().manual_seed(5))
@@ -25,25 +27,46 @@ def test_lowrank_plan_meets_budget_and_compress_model_agrees():
     assert plan.budget - plan.planned < cheapest  # nothing else fits
     recipe = Recipe.load(yaml.safe_load(plan.recipe.to_yaml()))  # YAML round trip
     report = compress_model(model, recipe, calibration=CALIBRATION, progress=False)
-    ranks = {r.name: r.setting for r in plan.rows}
+    ranks = {r.name: r.setting for r in plan.rows if r.setting != "dense"}
     assert {m.name: m.settings["rank"] for m in report.modules} == ranks
-    assert sum(m.params_after for m in report.modules) == plan.planned  # no biases in Llama MLPs
+    dense_kept = sum(r.params for r in plan.rows if r.setting == "dense")
+    # no biases in Llama MLPs: the plan's count is exactly what compress_model leaves
+    assert sum(m.params_after for m in report.modules) + dense_kept == plan.planned
 
 
-def test_greedy_allocation_is_optimal_on_a_small_case():
-    """Brute force over all rank pairs within the budget: the greedy choice has the least error."""
-    spectra = {"a": torch.tensor([0.5, 0.3, 0.1, 0.1]), "b": torch.tensor([0.7, 0.1, 0.1, 0.1])}
-    shapes = {"a": (4, 4), "b": (6, 2)}  # costs 8 per rank each; caps: 2 and 1
-    for budget in range(16, 40):
-        ranks = _allocate_ranks(spectra, shapes, budget)
-        error = sum(float(spectra[n][ranks[n] :].sum()) for n in spectra)
-        best = min(
-            float(spectra["a"][ra:].sum() + spectra["b"][rb:].sum())
-            for ra in range(1, 3)
-            for rb in range(1, 2)
-            if 8 * ra + 8 * rb <= budget
+def test_allocation_is_optimal_on_a_small_case():
+    """Brute force over every rank / keep-dense choice within the budget: the allocation (with
+    its keep-dense option) reaches the least total error."""
+    spectra = {
+        "a": torch.tensor([0.5, 0.3, 0.1, 0.1]),
+        "b": torch.tensor([0.7, 0.1, 0.1, 0.1]),
+        "c": torch.tensor([0.4, 0.4, 0.1, 0.05, 0.05]),
+    }
+    shapes = {"a": (4, 4), "b": (6, 4), "c": (5, 8)}  # rank costs 8, 10, 13; dense 16, 24, 40
+    errors = {n: _tail_errors(s) for n, s in spectra.items()}
+
+    def options(n):
+        o, i = shapes[n]
+        caps = (o * i) // (o + i)
+        return [(r, r * (o + i), float(errors[n][r])) for r in range(1, caps + 1)] + [
+            (None, o * i, 0.0)
+        ]
+
+    for budget in range(31, 81):
+        choice = _allocate_ranks(errors, shapes, budget)
+        cost = sum(
+            o * i if choice[n] is None else choice[n] * (o + i) for n, (o, i) in shapes.items()
         )
-        assert error == pytest.approx(best)
+        error = sum(0.0 if choice[n] is None else float(errors[n][choice[n]]) for n in shapes)
+        best = min(
+            ea + eb + ec
+            for (_, ca, ea), (_, cb, eb), (_, cc, ec) in itertools.product(
+                options("a"), options("b"), options("c")
+            )
+            if ca + cb + cc <= budget
+        )
+        assert cost <= budget
+        assert error == pytest.approx(best), budget
 
 
 def test_planned_ranks_beat_uniform_ranks_at_the_same_budget():

@@ -194,6 +194,45 @@ def _next_inputs(block: nn.Module, inputs: list[tuple]) -> list[tuple]:
     return outputs
 
 
+def forward_groups(block: nn.Module, inputs: list[tuple], names: Iterable[str]) -> list[list[str]]:
+    """``names`` (modules of ``block``) grouped by the tensor they read, in forward order.
+
+    Modules fed the very same tensor (q/k/v after the norm; gate and up) form one group, and a
+    group comes after every group whose outputs it may depend on (o_proj after q/k/v, down_proj
+    after gate/up). Found by running the block once on the first calibration batch.
+    """
+    wanted = list(names)
+    seen: list[tuple[str, torch.Tensor]] = []
+
+    def hook(name: str):
+        def record(_module: nn.Module, args: tuple) -> None:
+            if all(name != n for n, _ in seen):
+                seen.append((name, args[0]))
+
+        return record
+
+    handles = [block.get_submodule(n).register_forward_pre_hook(hook(n)) for n in wanted]
+    try:
+        with torch.no_grad():
+            args, kwargs = inputs[0]
+            block(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    groups: list[list[str]] = []
+    group_inputs: list[torch.Tensor] = []
+    for name, x in seen:
+        for group, gx in zip(groups, group_inputs, strict=True):
+            if x is gx:
+                group.append(name)
+                break
+        else:
+            groups.append([name])
+            group_inputs.append(x)
+    missed = [n for n in wanted if all(n not in g for g in groups)]
+    return groups + ([missed] if missed else [])
+
+
 def collect_stats(
     block: nn.Module, inputs: list[tuple], wanted: dict[str, bool]
 ) -> dict[str, InputStats]:
@@ -280,6 +319,58 @@ def fisher_row_importance(
         model.zero_grad(set_to_none=True)
         model.train(was_training)
     return importance
+
+
+def output_gradient_energy(
+    model: nn.Module, batches: list[Batch], module_names: list[str]
+) -> dict[str, torch.Tensor]:
+    """G_j = Σ_tokens (∂L/∂y_j)² for every output feature j of each module, [out] per module.
+
+    The diagonal empirical Fisher of a module's outputs y (language-modeling loss, labels =
+    input_ids): a small output change δy raises the loss by ≈ ½ Σ_j G_j δy_j², which makes
+    errors of different modules comparable. No parameter gradient is computed: the first
+    module's output is made to require grad, and hooks on the outputs read ∂L/∂y.
+    """
+    energy: dict[str, torch.Tensor] = {}
+
+    def accumulate(name: str):
+        def on_grad(grad: torch.Tensor) -> None:
+            g = grad.detach().reshape(-1, grad.shape[-1]).float().square().sum(0)
+            energy[name] = g if name not in energy else energy[name] + g
+
+        def hook(_module: nn.Module, _args: tuple, out: torch.Tensor) -> torch.Tensor:
+            if not out.requires_grad:
+                out = out.detach().requires_grad_(True)
+            out.register_hook(on_grad)
+            return out
+
+        return hook
+
+    handles = [
+        model.get_submodule(name).register_forward_hook(accumulate(name)) for name in module_names
+    ]
+    device = next(model.parameters()).device
+    flags = [p.requires_grad for p in model.parameters()]
+    was_training = model.training
+    model.eval()
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for batch in batches:
+            inputs = {k: v.to(device) for k, v in batch.items()}
+            with torch.enable_grad():
+                loss = model(**inputs, labels=inputs["input_ids"], use_cache=False).loss
+                loss.backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+        for p, flag in zip(model.parameters(), flags, strict=True):
+            p.requires_grad_(flag)
+        model.train(was_training)
+    missing = [n for n in module_names if n not in energy]
+    if missing:
+        raise HfCompressError(f"output gradients: modules {missing[:4]} received no gradient")
+    return energy
 
 
 def build_calibrated(

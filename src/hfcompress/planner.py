@@ -4,10 +4,13 @@
 :class:`~hfcompress.recipe.Recipe` (one stage, per-layer ``overrides``) that a user can read,
 edit, save as YAML and pass to ``compress_model``.
 
-* ``lowrank``: with whitening by the Cholesky factor L of X·Xᵀ (SVD-LLM), a rank-r factorization
-  of module m leaves the relative output error e_m(r) = Σ_{i>r} σᵢ²(W·L) / Σ σᵢ²(W·L). Each extra
-  rank costs (out + in) parameters and removes σ²_{r+1} / Σσ²; the σ² decrease, so handing out
-  rank units greedily by removed error per parameter minimizes Σ_m e_m under the budget.
+* ``lowrank``: with whitening by the Cholesky factor L of X·Xᵀ (SVD-LLM), the least output error
+  ‖(W − Ŵ)X‖²_F of a rank-r factorization of module m is e_m(r) = Σ_{i>r} σᵢ²(W·L). By default
+  (``weighting="loss"``) each output row is first weighted by √G_j, G_j = Σ_tokens (∂L/∂y_j)²,
+  so e_m estimates the loss increase (diagonal empirical Fisher of the outputs) and modules are
+  compared in one unit; ``weighting="output"`` compares relative output errors instead. Ranks
+  minimizing Σ_m e_m(r_m) within the budget come from a Lagrangian relaxation in which a module
+  may also stay dense (no error, out·in parameters: cheaper than any rank past out·in/(out+in)).
 * ``prune``: OWL (Yin et al. 2024, "Outlier Weighed Layerwise Sparsity"): blocks with more
   outlier Wanda scores (|W|·‖X‖ above ``outlier_factor`` × their mean) are pruned less,
   s_l = s − λ·(D_l − D̄)/max|D − D̄|, shifted so the total pruned count meets the target.
@@ -27,7 +30,7 @@ from rich.table import Table
 from torch import nn
 from tqdm.auto import tqdm
 
-from hfcompress.calibration import InputStats, calibration_batches
+from hfcompress.calibration import InputStats, calibration_batches, output_gradient_energy
 from hfcompress.decompose.calibrated import wanda_scores
 from hfcompress.errors import InvalidParameterError
 from hfcompress.layers import dense_weight_of
@@ -43,7 +46,7 @@ class PlanRow:
 
     name: str
     shape: tuple[int, int]
-    setting: float | int  # rank, or sparsity
+    setting: float | int | str  # rank, sparsity, or "dense" (left as it is)
     params: int  # parameters the module keeps under the plan
     predicted_error: float | None = None  # relative output error (lowrank), if computed
 
@@ -115,66 +118,126 @@ def _dense_stats(
 
 
 def _whitened_spectrum(W: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
-    """σ² of W·L with L the Cholesky factor of X·Xᵀ (damped), normalized to sum 1."""
+    """σ² of W·L, descending, with L the Cholesky factor of X·Xᵀ (damped): Σ_{i>r} σᵢ² is the
+    least ‖(W − Ŵ)X‖²_F over rank-r Ŵ (SVD-LLM)."""
     H = gram.double()
     H = H + _DAMP * H.diagonal().mean().clamp_min(1e-12) * torch.eye(
         H.shape[0], dtype=H.dtype, device=H.device
     )
     L = torch.linalg.cholesky(H)
-    sq = torch.linalg.svdvals(W.double().to(H.device) @ L).square()
-    return (sq / sq.sum().clamp_min(1e-300)).float().cpu()
+    return torch.linalg.svdvals(W.double().to(H.device) @ L).square().cpu()
+
+
+def _tail_errors(sq: torch.Tensor) -> torch.Tensor:
+    """e(r) = Σ_{i≥r} sq_i for r = 0 … len(sq): the error left at rank r."""
+    tails = sq.flip(0).cumsum(0).flip(0)
+    return torch.cat([tails, tails.new_zeros(1)])
+
+
+def _choose(errors: torch.Tensor, shape: tuple[int, int], lam: float) -> int | None:
+    """The rank (or None: keep dense) minimizing error + lam·parameters for one module."""
+    out, inp = shape
+    cap = min(len(errors) - 1, (out * inp) // (out + inp))
+    ranks = torch.arange(1, cap + 1, dtype=torch.float64)
+    objective = errors[1 : cap + 1].double() + lam * ranks * (out + inp)
+    best = int(objective.argmin())
+    return None if lam * out * inp < float(objective[best]) else best + 1
+
+
+def _cost(choice: dict[str, int | None], shapes: dict[str, tuple[int, int]]) -> int:
+    return sum(o * i if choice[n] is None else choice[n] * (o + i) for n, (o, i) in shapes.items())
 
 
 def _allocate_ranks(
-    spectra: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]], budget: int
-) -> dict[str, int]:
-    """Greedy: each rank unit to the module removing the most error per parameter."""
-    ranks = dict.fromkeys(spectra, 1)
-    spent = sum(sum(shapes[n]) for n in spectra)
-    if spent > budget:
+    errors: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]], budget: int
+) -> dict[str, int | None]:
+    """Ranks (None = keep the module dense) minimizing Σ_m e_m(r_m) with Σ params ≤ budget.
+
+    ``errors[m][r]`` is module m's error at rank r (decreasing in r). Lagrangian relaxation:
+    each module independently minimizes e_m(r) + λ·params(r) over ranks 1 … cap and "dense"
+    (error 0, out·in parameters, cheaper than any rank past cap), and λ is bisected until the
+    budget is met; the budget left over is then spent rank by rank where it removes the most
+    error per parameter. Exact whenever the errors are convex in r (σ² non-increasing).
+    """
+    floor = sum(o + i for o, i in shapes.values())
+    if floor > budget:
         raise InvalidParameterError(
             f"keep: the budget of {budget:,} parameters is below rank 1 for every module "
-            f"({spent:,}); raise keep"
+            f"({floor:,}); raise keep"
         )
-    cap = {n: max(1, (o * i) // (o + i)) for n, (o, i) in shapes.items()}  # beyond: no saving
-    heap = [(-spectra[n][1].item() / sum(shapes[n]), n) for n in spectra if cap[n] > 1]
-    heapq.heapify(heap)
+    top = max(float(e[0]) for e in errors.values()) + 1.0
+    lo, hi = 0.0, top  # λ = top: rank 1 everywhere is cheapest in every objective
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        if _cost({n: _choose(errors[n], shapes[n], mid) for n in shapes}, shapes) > budget:
+            lo = mid
+        else:
+            hi = mid
+    choice = {n: _choose(errors[n], shapes[n], hi) for n in shapes}
+    return _top_up(choice, errors, shapes, budget)
+
+
+def _top_up(
+    choice: dict[str, int | None],
+    errors: dict[str, torch.Tensor],
+    shapes: dict[str, tuple[int, int]],
+    budget: int,
+) -> dict[str, int | None]:
+    spent = _cost(choice, shapes)
+    heap = []
+    for n, r in choice.items():
+        o, i = shapes[n]
+        if r is not None and r < min(len(errors[n]) - 1, (o * i) // (o + i)):
+            heapq.heappush(heap, (-float(errors[n][r] - errors[n][r + 1]) / (o + i), n))
     while heap:
-        _, name = heapq.heappop(heap)
-        cost = sum(shapes[name])
-        if spent + cost > budget:
+        _, n = heapq.heappop(heap)
+        o, i = shapes[n]
+        if spent + o + i > budget:
             continue  # a cheaper module may still fit
-        ranks[name] += 1
-        spent += cost
-        r = ranks[name]
-        if r < cap[name] and r < len(spectra[name]):
-            heapq.heappush(heap, (-spectra[name][r].item() / cost, name))
-    return ranks
+        choice[n] += 1
+        spent += o + i
+        r = choice[n]
+        if r < min(len(errors[n]) - 1, (o * i) // (o + i)):
+            heapq.heappush(heap, (-float(errors[n][r] - errors[n][r + 1]) / (o + i), n))
+    return choice
 
 
-def _plan_lowrank(model, names, targets, stats, keep, criterion) -> Plan:
-    shapes, spectra = {}, {}
+def _plan_lowrank(model, names, targets, stats, keep, criterion, gradients) -> Plan:
+    shapes, errors = {}, {}
     for name in names:
         W = dense_weight_of(model.get_submodule(name)).detach()
         shapes[name] = (W.shape[0], W.shape[1])
-        spectra[name] = _whitened_spectrum(W, stats[name].gram)
+        if gradients is None:
+            sq = _whitened_spectrum(W, stats[name].gram)
+            errors[name] = _tail_errors(sq / sq.sum().clamp_min(1e-300))
+        else:
+            # Output-gradient weighting: a first-order change δY of the module's output raises
+            # the loss by ≈ ½ Σ_j G_j ‖δY_j‖² (diagonal empirical Fisher of the outputs,
+            # G_j = Σ_tokens (∂L/∂y_j)²), so rows are weighted by √G before the whitened SVD
+            # and every module's error is in the same unit: loss.
+            scale = gradients[name].double().clamp_min(0).sqrt().to(W.device)
+            errors[name] = _tail_errors(_whitened_spectrum(scale[:, None] * W, stats[name].gram))
     dense = sum(o * i for o, i in shapes.values())
     budget = int(keep * dense)
-    ranks = _allocate_ranks(spectra, shapes, budget)
+    ranks = _allocate_ranks(errors, shapes, budget)
+    total = {n: float(errors[n][0]) or 1.0 for n in names}
     rows = [
         PlanRow(
-            n, shapes[n], ranks[n], ranks[n] * sum(shapes[n]), float(spectra[n][ranks[n] :].sum())
+            n,
+            shapes[n],
+            "dense" if ranks[n] is None else ranks[n],
+            shapes[n][0] * shapes[n][1] if ranks[n] is None else ranks[n] * sum(shapes[n]),
+            0.0 if ranks[n] is None else float(errors[n][ranks[n]]) / total[n],
         )
         for n in names
     ]
-    base = max(set(ranks.values()), key=list(ranks.values()).count)
-    overrides = {re.escape(n): {"rank": r} for n, r in ranks.items() if r != base}
-    stage = {
-        "method": "lowrank",
-        "targets": targets,
-        "rank": base,
-        "criterion": criterion,
-    }
+    compressed = [r for r in ranks.values() if r is not None]
+    base = max(set(compressed), key=compressed.count)
+    overrides = {re.escape(n): {"rank": r} for n, r in ranks.items() if r not in (None, base)}
+    stage = {"method": "lowrank", "targets": targets, "rank": base, "criterion": criterion}
+    kept_dense = [n for n, r in ranks.items() if r is None]
+    if kept_dense:
+        stage["exclude"] = "|".join(re.escape(n) for n in kept_dense)
     if overrides:
         stage["overrides"] = overrides
     return Plan(Recipe.load({"stages": [stage]}), rows, budget, dense)
@@ -238,6 +301,7 @@ def plan_recipe(
     criterion: str | None = None,
     owl_lambda: float = 0.08,
     outlier_factor: float = 5.0,
+    weighting: Literal["loss", "output"] = "loss",
     progress: bool = True,
 ) -> Plan:
     """Allocate per-layer ranks or sparsities so the targeted modules keep ``keep`` of their
@@ -252,6 +316,10 @@ def plan_recipe(
         criterion: the recipe's criterion; default ``"whitened"`` / ``"wanda"``.
         owl_lambda: OWL's maximal deviation of a block's sparsity from the target.
         outlier_factor: OWL's M: a score is an outlier above M × its block's mean.
+        weighting: ``lowrank`` only. ``"loss"``: each module's output error is weighted by the
+            squared loss gradients of its outputs (one backward pass per calibration batch), so
+            errors of different modules are compared by what they cost the loss; ``"output"``:
+            every module's relative output error counts the same.
         progress: progress bars.
 
     Returns:
@@ -262,11 +330,16 @@ def plan_recipe(
         raise InvalidParameterError(f"keep={keep!r}: expected a fraction in (0, 1)")
     if method not in ("lowrank", "prune"):
         raise InvalidParameterError(f"method={method!r}: expected 'lowrank' or 'prune'")
+    if weighting not in ("loss", "output"):
+        raise InvalidParameterError(f"weighting={weighting!r}: expected 'loss' or 'output'")
     names = _targets(model, targets)
     batches = calibration_batches(calibration)
     stats = _dense_stats(model, names, batches, gram=method == "lowrank", progress=progress)
     if method == "lowrank":
-        return _plan_lowrank(model, names, targets, stats, keep, criterion or "whitened")
+        gradients = None
+        if weighting == "loss":
+            gradients = output_gradient_energy(model, batches, names)
+        return _plan_lowrank(model, names, targets, stats, keep, criterion or "whitened", gradients)
     return _plan_prune(
         model, names, targets, stats, keep, criterion or "wanda", owl_lambda, outlier_factor
     )

@@ -30,6 +30,7 @@ from hfcompress.calibration import (
     calibration_batches,
     collect_stats,
     fisher_row_importance,
+    forward_groups,
     layer_stack,
     run_layerwise,
 )
@@ -578,17 +579,24 @@ def _apply_layerwise(
         (outside if index is None else by_block.setdefault(index, [])).append(op)
 
     def compress_block(index: int, block: nn.Module, inputs: list[tuple]) -> None:
-        block_ops = by_block.get(index, [])
-        wanted = {
-            op.module_name.removeprefix(f"{prefix}.{index}."): op.stage.criterion_name
-            in GRAM_CRITERIA
-            for op in block_ops
-            if op.stage.needs_calibration
+        head = f"{prefix}.{index}."
+        by_module: dict[str, list[_Op]] = {}
+        for op in by_block.get(index, []):
+            by_module.setdefault(op.module_name.removeprefix(head), []).append(op)
+        gram = {
+            name: any(op.stage.criterion_name in GRAM_CRITERIA for op in module_ops)
+            for name, module_ops in by_module.items()
+            if any(op.stage.needs_calibration for op in module_ops)
         }
-        stats = collect_stats(block, inputs, wanted) if wanted else {}
-        for op in block_ops:
-            relative = op.module_name.removeprefix(f"{prefix}.{index}.")
-            applier.apply(op, stats.get(relative), fisher.get(op.module_name))
+        # "True sequential" (the GPTQ/SparseGPT option): modules reading the same tensor form a
+        # group, and each group is calibrated on the outputs of the groups before it, already
+        # compressed (o_proj sees the compressed q/k/v, down_proj the compressed gate/up).
+        for group in forward_groups(block, inputs, by_module) if by_module else []:
+            wanted = {name: gram[name] for name in group if name in gram}
+            stats = collect_stats(block, inputs, wanted) if wanted else {}
+            for name in group:
+                for op in by_module[name]:  # a module's stages in recipe order
+                    applier.apply(op, stats.get(name), fisher.get(op.module_name))
 
     run_layerwise(model, batches, stack, compress_block, progress)
     for op in outside:
