@@ -357,7 +357,14 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
     if usable == 0:
         raise CliError(f"--calibration-text: shorter than one sequence of {args.seq_len} tokens")
     calibration = ids[:usable].view(-1, args.seq_len)[: args.n_calib]
-    plan = plan_recipe(model, calibration, keep=args.keep, targets=args.targets, method=args.method)
+    plan = plan_recipe(
+        model,
+        calibration,
+        keep=args.keep,
+        targets=args.targets,
+        method=args.method,
+        weighting=args.weighting,
+    )
     console.print(plan.table())
     args.output.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.output.with_name(f".{args.output.name}.partial")
@@ -495,6 +502,12 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--keep", type=fraction, required=True, help="fraction of parameters kept")
     plan.add_argument("--targets", required=True, help="regex (re.fullmatch) of modules")
     plan.add_argument("--method", choices=["lowrank", "prune"], default="lowrank")
+    plan.add_argument(
+        "--weighting",
+        choices=["loss", "output"],
+        default="loss",
+        help="lowrank: compare modules by estimated loss increase, or by relative output error",
+    )
     plan.add_argument("--calibration-text", type=Path, nargs="+", required=True)
     plan.add_argument("--n-calib", type=positive_int, default=32, help="calibration sequences")
     plan.add_argument("--seq-len", type=positive_int, default=256)
