@@ -298,3 +298,19 @@ def test_model_parameter_totals_count_tied_weights_once():
         m.mask.numel() - int(m.mask.sum()) for m in model.modules() if isinstance(m, PrunedLinear)
     )
     assert report.model_params_after == unique - masked
+
+
+def test_low_rank_layers_are_never_taken_for_tied_ones():
+    """LowRankLinear.weight is computed on every read (ids of freed temporaries get reused):
+    a second compress_model on an already low-rank model must see every layer, untied."""
+    from hfcompress.surgery import tied_modules
+
+    model = tiny_model("llama")
+    mlp = r"model\.layers\.\d+\.mlp\.(gate|up|down)_proj"
+    compress_model(model, {"stages": [{"method": "lowrank", "targets": mlp, "rank": 16}]})
+    tied = tied_modules(model)
+    assert not [n for n in tied if ".mlp." in n]
+    report = compress_model(
+        model, {"stages": [{"method": "prune", "targets": mlp, "sparsity": 0.5}]}, progress=False
+    )
+    assert len(report.modules) == 6 and not report.skipped

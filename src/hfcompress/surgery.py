@@ -217,8 +217,10 @@ def tied_modules(model: nn.Module) -> dict[str, str]:
     """Module name -> the module its weight is shared with (e.g. lm_head -> embed_tokens)."""
     owners: dict[int, list[str]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
-        weight = getattr(module, "weight", None)
-        if isinstance(weight, torch.Tensor):
+        # Only a registered parameter can be shared: a computed ``weight`` (LowRankLinear's U·V)
+        # is a fresh tensor on every read, and ids of freed temporaries are reused.
+        weight = module._parameters.get("weight")
+        if weight is not None:
             owners.setdefault(id(weight), []).append(name)
     tied: dict[str, str] = {}
     for names in owners.values():
