@@ -38,6 +38,14 @@ METHODS: dict[str, dict | None] = {
         "sparsity": 0.5,
         "criterion": "sparsegpt",
     },
+    # the same, each block's q/k/v, o, gate/up, down calibrated in forward order
+    "sparsegpt-50-seq": {
+        "method": "prune",
+        "targets": DECODER,
+        "sparsity": 0.5,
+        "criterion": "sparsegpt",
+        "true_sequential": True,
+    },
     "magnitude-2:4": {"method": "prune", "targets": DECODER, "pattern": "2:4"},
     "wanda-2:4": {"method": "prune", "targets": DECODER, "pattern": "2:4", "criterion": "wanda"},
     "sparsegpt-2:4": {
@@ -113,12 +121,15 @@ def run_one(args: argparse.Namespace) -> None:
         )
         hfcompress.compress_model(model, plan.recipe, calibration=calibration, progress=False)
     elif stage is not None:
+        stage = dict(stage)
+        sequential = stage.pop("true_sequential", False)
         needs_data = stage.get("criterion") not in (None, "magnitude", "svd")
         hfcompress.compress_model(
             model,
             {"stages": [stage]},
             calibration=calibration if needs_data else None,
             progress=False,
+            true_sequential=sequential,
         )
     seconds = time.perf_counter() - start
     ppl = perplexity(model, eval_ids, max_length=512, stride=256, progress=False).perplexity

@@ -71,7 +71,7 @@ def test_block_inputs_are_outputs_of_already_compressed_blocks(monkeypatch):
             {"method": "prune", "targets": BLOCK_LINEARS, "sparsity": 0.5, "criterion": "sparsegpt"}
         ]
     }
-    compress_model(model, recipe, calibration=CALIBRATION, progress=False)
+    compress_model(model, recipe, calibration=CALIBRATION, progress=False, true_sequential=True)
 
     def gram_into(m, module_name):
         stats = InputStats(want_gram=True)
