@@ -457,9 +457,9 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(args.device).eval()
-    train_tokens = args.n_calib * args.seq_len + args.train_steps * 4 * args.block_size
-    train_text, heldout = load_texts(args.dataset, 5 * train_tokens)
-    ids = tokenizer(train_text, return_tensors="pt").input_ids[0]
+    # ~5 characters per token; the calibration text does not depend on --train-steps
+    calib_text, heldout = load_texts(args.dataset, 5 * max(args.n_calib * args.seq_len, 1))
+    ids = tokenizer(calib_text, return_tensors="pt").input_ids[0]
     calibration = None
     if args.n_calib:  # n_calib sequences spread evenly over the training text
         starts = torch.linspace(0, len(ids) - args.seq_len, args.n_calib).long()
@@ -471,6 +471,7 @@ def main() -> None:
 
         from hfcompress.training import causal_lm_blocks
 
+        train_text = load_texts(args.dataset, 5 * args.train_steps * 4 * args.block_size)[0]
         blocks = causal_lm_blocks(
             Dataset.from_dict({"text": [train_text]}), tokenizer, args.block_size
         )
