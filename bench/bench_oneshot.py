@@ -46,14 +46,6 @@ METHODS: dict[str, dict | None] = {
         "criterion": "sparsegpt",
         "true_sequential": True,
     },
-    # each module fitted to the dense model's outputs from its compressed inputs (GPTAQ)
-    "sparsegpt-50-asym": {
-        "method": "prune",
-        "targets": DECODER,
-        "sparsity": 0.5,
-        "criterion": "sparsegpt",
-        "asymmetric": True,
-    },
     "magnitude-2:4": {"method": "prune", "targets": DECODER, "pattern": "2:4"},
     "wanda-2:4": {"method": "prune", "targets": DECODER, "pattern": "2:4", "criterion": "wanda"},
     "sparsegpt-2:4": {
@@ -61,13 +53,6 @@ METHODS: dict[str, dict | None] = {
         "targets": DECODER,
         "pattern": "2:4",
         "criterion": "sparsegpt",
-    },
-    "sparsegpt-2:4-asym": {
-        "method": "prune",
-        "targets": DECODER,
-        "pattern": "2:4",
-        "criterion": "sparsegpt",
-        "asymmetric": True,
     },
     "svd-mlp50": {"method": "lowrank", "targets": MLP, "ratio": 0.5},
     "activation-mlp50": {
@@ -77,16 +62,8 @@ METHODS: dict[str, dict | None] = {
         "criterion": "activation",
     },
     "whitened-mlp50": {"method": "lowrank", "targets": MLP, "ratio": 0.5, "criterion": "whitened"},
-    "whitened-mlp50-asym": {
-        "method": "lowrank",
-        "targets": MLP,
-        "ratio": 0.5,
-        "criterion": "whitened",
-        "asymmetric": True,
-    },
     # the planner at the same MLP budget: per-matrix ranks from whitened spectra
     "planner-mlp50": {"planner": "lowrank", "targets": MLP, "keep": 0.5},
-    "planner-mlp50-asym": {"planner": "lowrank", "targets": MLP, "keep": 0.5, "asymmetric": True},
     # the planner at 50% of all decoder Linear parameters, against the best uniform recipes
     "planner-decoder50": {"planner": "lowrank", "targets": DECODER, "keep": 0.5},
     "whitened-decoder50": {
@@ -94,19 +71,6 @@ METHODS: dict[str, dict | None] = {
         "targets": DECODER,
         "ratio": 0.5,
         "criterion": "whitened",
-    },
-    "whitened-decoder50-asym": {
-        "method": "lowrank",
-        "targets": DECODER,
-        "ratio": 0.5,
-        "criterion": "whitened",
-        "asymmetric": True,
-    },
-    "planner-decoder50-asym": {
-        "planner": "lowrank",
-        "targets": DECODER,
-        "keep": 0.5,
-        "asymmetric": True,
     },
 }
 
@@ -155,17 +119,10 @@ def run_one(args: argparse.Namespace) -> None:
             method=stage["planner"],
             progress=False,
         )
-        hfcompress.compress_model(
-            model,
-            plan.recipe,
-            calibration=calibration,
-            progress=False,
-            asymmetric=stage.get("asymmetric", False),
-        )
+        hfcompress.compress_model(model, plan.recipe, calibration=calibration, progress=False)
     elif stage is not None:
         stage = dict(stage)
         sequential = stage.pop("true_sequential", False)
-        asymmetric = stage.pop("asymmetric", False)
         needs_data = stage.get("criterion") not in (None, "magnitude", "svd")
         hfcompress.compress_model(
             model,
@@ -173,7 +130,6 @@ def run_one(args: argparse.Namespace) -> None:
             calibration=calibration if needs_data else None,
             progress=False,
             true_sequential=sequential,
-            asymmetric=asymmetric,
         )
     seconds = time.perf_counter() - start
     ppl = perplexity(model, eval_ids, max_length=512, stride=256, progress=False).perplexity

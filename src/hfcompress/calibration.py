@@ -12,7 +12,6 @@ the block, and runs the compressed block to produce the next block's inputs.
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,7 +28,6 @@ from hfcompress.decompose.calibrated import (
     wanda_mask,
     whitened_svd_factors,
 )
-from hfcompress.decompose.targets import dense_output_target
 from hfcompress.errors import HfCompressError, InvalidParameterError
 from hfcompress.layers import (
     CompressedLayer,
@@ -53,19 +51,15 @@ class InputStats:
         sq_sum: Σ x² per input feature, [in]; ‖X_j‖₂ = √sq_sum (Wanda).
         abs_sum: Σ |x| per input feature, [in]; mean |x_j| = abs_sum / N (ASVD).
         gram: Σ x·xᵀ, [in, in] = X·Xᵀ (SparseGPT's Hessian, SVD-LLM's whitening); only when asked.
-        shift: Σ (x_ref − x)·xᵀ, [in, in], x_ref the dense model's input of the same token; only
-            with asymmetric calibration (see :mod:`hfcompress.decompose.targets`).
     """
 
     count: int = 0
     sq_sum: torch.Tensor | None = None
     abs_sum: torch.Tensor | None = None
     gram: torch.Tensor | None = None
-    shift: torch.Tensor | None = None
     want_gram: bool = field(default=False, repr=False)
 
-    def add(self, x: torch.Tensor, reference: torch.Tensor | None = None) -> None:
-        """Accumulate inputs x: [..., in]; ``reference``: the dense model's inputs, same shape."""
+    def add(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()
         if self.sq_sum is None:
             self.sq_sum = torch.zeros(x.shape[1], device=x.device)
@@ -77,11 +71,6 @@ class InputStats:
         self.abs_sum += x.abs().sum(0)
         if self.gram is not None:
             self.gram.addmm_(x.T, x)
-            if reference is not None:
-                if self.shift is None:
-                    self.shift = torch.zeros_like(self.gram)
-                delta = reference.detach().reshape(x.shape).to(x.device, torch.float32) - x
-                self.shift.addmm_(delta.T, x)
 
     @property
     def input_norm(self) -> torch.Tensor:
@@ -245,10 +234,7 @@ def forward_groups(block: nn.Module, inputs: list[tuple], names: Iterable[str]) 
 
 
 def collect_stats(
-    block: nn.Module,
-    inputs: list[tuple],
-    wanted: dict[str, bool],
-    reference: tuple[nn.Module, list[tuple]] | None = None,
+    block: nn.Module, inputs: list[tuple], wanted: dict[str, bool]
 ) -> dict[str, InputStats]:
     """Run ``block`` on its inputs and gather :class:`InputStats` for the modules in ``wanted``.
 
@@ -256,41 +242,17 @@ def collect_stats(
         block: one block of the layer stack.
         inputs: (args, kwargs) pairs, one per calibration batch.
         wanted: {module name relative to the block: whether the Gram matrix X·Xᵀ is needed}.
-        reference: ``(dense_block, dense_inputs)``, the block as it was before compression and
-            the dense model's inputs of it; each batch then runs through both, and the Gram
-            modules also get ``shift`` = Σ (x_dense − x)·xᵀ (asymmetric calibration).
     """
     stats = {name: InputStats(want_gram=gram) for name, gram in wanted.items()}
-    dense_seen: dict[str, list[torch.Tensor]] = {name: [] for name in wanted}
-
-    def on_input(name: str):
-        def hook(_module: nn.Module, args: tuple) -> None:
-            pending = dense_seen[name]
-            # a module called k times per forward is paired call by call with its dense twin
-            stats[name].add(args[0], pending.pop(0) if pending else None)
-
-        return hook
-
-    def on_dense_input(name: str):
-        def hook(_module: nn.Module, args: tuple) -> None:
-            if wanted[name]:
-                dense_seen[name].append(args[0].detach())
-
-        return hook
-
-    handles = [block.get_submodule(n).register_forward_pre_hook(on_input(n)) for n in wanted]
-    if reference is not None:
-        dense_block = reference[0]
-        handles += [
-            dense_block.get_submodule(n).register_forward_pre_hook(on_dense_input(n))
-            for n in wanted
-        ]
+    handles = [
+        block.get_submodule(name).register_forward_pre_hook(
+            lambda _module, args, s=stats[name]: s.add(args[0])
+        )
+        for name in wanted
+    ]
     try:
         with torch.no_grad():
-            for index, (args, kwargs) in enumerate(inputs):
-                if reference is not None:
-                    dense_args, dense_kwargs = reference[1][index]
-                    reference[0](*dense_args, **dense_kwargs)
+            for args, kwargs in inputs:
                 block(*args, **kwargs)
     finally:
         for handle in handles:
@@ -302,35 +264,22 @@ def run_layerwise(
     model: nn.Module,
     batches: list[Batch],
     stack: nn.ModuleList,
-    compress_block: Callable[..., None],
+    compress_block: Callable[[int, nn.Module, list[tuple]], None],
     progress: bool = True,
-    asymmetric: bool = False,
 ) -> None:
     """Compress ``stack`` block by block on calibration data, each block seeing compressed inputs.
 
     ``compress_block(index, block, inputs)`` gathers what it needs (see :func:`collect_stats`)
-    and compresses the block in place; its outputs then feed the next block. With
-    ``asymmetric``, a dense stream runs beside the compressed one (a copy of each block taken
-    before it is compressed, fed the dense model's hidden states) and ``compress_block`` gets a
-    fourth argument ``reference = (dense_block, dense_inputs)`` to pass to :func:`collect_stats`.
-    Costs one more block forward per batch and one block's weights.
+    and compresses the block in place; its outputs then feed the next block.
     """
     was_training = model.training
     model.eval()
     try:
         inputs = _capture_inputs(model, stack[0], batches)
-        dense_inputs = inputs
         for index, block in enumerate(_iterate(stack, progress)):
-            if asymmetric:
-                dense_block = copy.deepcopy(block)
-                compress_block(index, block, inputs, (dense_block, dense_inputs))
-            else:
-                compress_block(index, block, inputs)
+            compress_block(index, block, inputs)
             if index + 1 < len(stack):
                 inputs = _next_inputs(block, inputs)
-                if asymmetric:
-                    dense_inputs = _next_inputs(dense_block, dense_inputs)
-            dense_block = None
     finally:
         model.train(was_training)
 
@@ -433,10 +382,7 @@ def build_calibrated(
     """The compressed layer a data-aware ``stage`` makes of a dense ``module``.
 
     Each criterion minimizes an error on the calibration inputs X rather than on W alone: see
-    :mod:`hfcompress.decompose.calibrated` for what each one minimizes and its paper. When
-    ``stats.shift`` is set (asymmetric calibration), ``sparsegpt`` and ``whitened`` compress the
-    target T of :func:`~hfcompress.decompose.targets.dense_output_target` instead of W, so they
-    minimize ‖W·X − Ŵ·X̃‖ (dense outputs from compressed inputs).
+    :mod:`hfcompress.decompose.calibrated` for what each one minimizes and its paper.
 
     Raises:
         HfCompressError: the statistics the criterion needs are missing.
@@ -459,9 +405,6 @@ def build_calibrated(
         return PrunedLinear.from_weight(
             W, mask, bias, source, params["pattern"], params["sparsity"]
         )
-    if criterion in ("sparsegpt", "whitened") and stats.shift is not None:
-        # asymmetric calibration: fit the dense outputs W·X from the compressed inputs X̃
-        W = dense_output_target(W, stats.gram, stats.shift).to(W.dtype)
     if criterion == "sparsegpt":
         pruned, mask = sparsegpt_prune(
             W, stats.gram, sparsity=params["sparsity"], pattern=params["pattern"]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import io
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -443,7 +443,6 @@ def compress_model(
     progress: bool = True,
     calibration_batch_size: int = 8,
     true_sequential: bool = False,
-    asymmetric: bool = False,
 ) -> CompressionReport:
     """Compress ``model`` in place according to ``recipe``.
 
@@ -462,12 +461,6 @@ def compress_model(
             forward order, each group (q/k/v; o; gate/up; down) calibrated on the outputs of the
             groups before it, already compressed (GPTQ's option). One block forward per group
             instead of one per block; on SmolLM2 it did not lower SparseGPT's perplexity.
-        asymmetric: with ``calibration``, fit each ``sparsegpt``/``whitened`` module to the dense
-            model's outputs W·X from its compressed inputs X̃, min ‖W·X − Ŵ·X̃‖, instead of
-            reproducing W·X̃ (asymmetric calibration, GPTAQ; see
-            :mod:`hfcompress.decompose.targets`): each module also corrects the error of the
-            layers before it. A dense copy of one block at a time runs beside the compressed
-            model (about 1.5× the calibration time).
 
     Returns:
         A :class:`CompressionReport`; ``print(report)`` shows the per-module table.
@@ -481,11 +474,6 @@ def compress_model(
         ...     {"method": "lowrank", "targets": r".*mlp\\..*", "ratio": 0.5}]})
         >>> print(report)
     """
-    if asymmetric and calibration is None:
-        raise InvalidParameterError(
-            "compress_model: asymmetric=True fits compressed inputs to dense outputs and needs "
-            "calibration data; pass calibration=..."
-        )
     batches = (
         None if calibration is None else calibration_batches(calibration, calibration_batch_size)
     )
@@ -499,9 +487,7 @@ def compress_model(
     try:
         with torch.no_grad():
             if calibrated:
-                _apply_layerwise(
-                    model, ops, batches, applier, progress, true_sequential, asymmetric
-                )
+                _apply_layerwise(model, ops, batches, applier, progress, true_sequential)
             else:
                 for op in _iterate(ops, progress):
                     applier.apply(op)
@@ -546,9 +532,6 @@ class _Applier:
         module = self.current.get(op.module_name) or self.model.get_submodule(op.module_name)
         self.originals.setdefault(op.module_name, module)
         if op.stage.needs_calibration:
-            if stats is not None and module is not self.originals[op.module_name]:
-                # a later stage on the same module: its inputs' shift was fitted already
-                stats = replace(stats, shift=None)
             new = build_calibrated(op.stage, module, stats, fisher)
             if stats is not None and stats.gram is not None:
                 self.stats[op.module_name] = stats
@@ -594,7 +577,6 @@ def _apply_layerwise(
     applier: _Applier,
     progress: bool,
     true_sequential: bool = False,
-    asymmetric: bool = False,
 ) -> None:
     """Apply every operation, the ones inside the layer stack block by block on calibration data."""
     prefix, stack = layer_stack(
@@ -608,9 +590,7 @@ def _apply_layerwise(
         index = _block_index(prefix, op.module_name)
         (outside if index is None else by_block.setdefault(index, [])).append(op)
 
-    def compress_block(
-        index: int, block: nn.Module, inputs: list[tuple], reference: tuple | None = None
-    ) -> None:
+    def compress_block(index: int, block: nn.Module, inputs: list[tuple]) -> None:
         head = f"{prefix}.{index}."
         by_module: dict[str, list[_Op]] = {}
         for op in by_block.get(index, []):
@@ -628,12 +608,12 @@ def _apply_layerwise(
         groups = forward_groups(block, inputs, by_module) if true_sequential else [list(by_module)]
         for group in groups:
             wanted = {name: gram[name] for name in group if name in gram}
-            stats = collect_stats(block, inputs, wanted, reference) if wanted else {}
+            stats = collect_stats(block, inputs, wanted) if wanted else {}
             for name in group:
                 for op in by_module[name]:  # a module's stages in recipe order
                     applier.apply(op, stats.get(name), fisher.get(op.module_name))
 
-    run_layerwise(model, batches, stack, compress_block, progress, asymmetric)
+    run_layerwise(model, batches, stack, compress_block, progress)
     for op in outside:
         applier.apply(op)
 

@@ -35,12 +35,10 @@ from hfcompress.decompose.svd import (
     resolve_rank,
     svd_factors,
 )
-from hfcompress.decompose.targets import dense_output_target
 
 __all__ = [
     "KroneckerShape",
     "activation_svd_factors",
-    "dense_output_target",
     "fisher_svd_factors",
     "kron_rearrange",
     "kronecker_error",
