@@ -46,6 +46,21 @@ METHODS: dict[str, dict | None] = {
         "criterion": "sparsegpt",
         "true_sequential": True,
     },
+    # per-module sparsities (50% overall) from OBS saliencies weighted by loss gradients
+    "planner-prune50": {
+        "planner": "prune",
+        "targets": DECODER,
+        "keep": 0.5,
+        "allocation": "saliency",
+    },
+    # OWL block sparsities (λ = 0.08) with SparseGPT
+    "owl-sparsegpt-50": {
+        "planner": "prune",
+        "targets": DECODER,
+        "keep": 0.5,
+        "allocation": "owl",
+        "criterion": "sparsegpt",
+    },
     "magnitude-2:4": {"method": "prune", "targets": DECODER, "pattern": "2:4"},
     "wanda-2:4": {"method": "prune", "targets": DECODER, "pattern": "2:4", "criterion": "wanda"},
     "sparsegpt-2:4": {
@@ -62,6 +77,13 @@ METHODS: dict[str, dict | None] = {
         "criterion": "activation",
     },
     "whitened-mlp50": {"method": "lowrank", "targets": MLP, "ratio": 0.5, "criterion": "whitened"},
+    # whitened, each output row weighted by its squared loss gradients (min Σ_j G_j‖(W − Ŵ)_j X‖²)
+    "fisherwhitened-mlp50": {
+        "method": "lowrank",
+        "targets": MLP,
+        "ratio": 0.5,
+        "criterion": "fisher_whitened",
+    },
     # the planner at the same MLP budget: per-matrix ranks from whitened spectra
     "planner-mlp50": {"planner": "lowrank", "targets": MLP, "keep": 0.5},
     # the planner at 50% of all decoder Linear parameters, against the best uniform recipes
@@ -71,6 +93,12 @@ METHODS: dict[str, dict | None] = {
         "targets": DECODER,
         "ratio": 0.5,
         "criterion": "whitened",
+    },
+    "fisherwhitened-decoder50": {
+        "method": "lowrank",
+        "targets": DECODER,
+        "ratio": 0.5,
+        "criterion": "fisher_whitened",
     },
 }
 
@@ -117,6 +145,8 @@ def run_one(args: argparse.Namespace) -> None:
             keep=stage["keep"],
             targets=stage["targets"],
             method=stage["planner"],
+            allocation=stage.get("allocation", "owl"),
+            criterion=stage.get("criterion"),
             progress=False,
         )
         hfcompress.compress_model(model, plan.recipe, calibration=calibration, progress=False)

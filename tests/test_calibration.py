@@ -7,12 +7,14 @@ import copy
 import pytest
 import torch
 from datasets import Dataset
+from torch import nn
 from torch.utils.data import DataLoader
 
 import hfcompress.calibration as calibration_module
+import hfcompress.surgery as surgery_module
 from conftest import BLOCK_LINEARS, model_output, tiny_inputs, tiny_model
 from hfcompress import HfCompressError, compress_model
-from hfcompress.calibration import InputStats, calibration_batches
+from hfcompress.calibration import InputStats, calibration_batches, output_gradient_energy
 from hfcompress.errors import InvalidParameterError
 from hfcompress.layers import LowRankLinear, PrunedLinear
 from hfcompress.recipe import RecipeError
@@ -159,6 +161,7 @@ def test_data_aware_beats_data_free_on_output_error(arch):
         ({"method": "prune", "pattern": "2:4", "criterion": "sparsegpt"}, PrunedLinear),
         ({"method": "lowrank", "rank": 8, "criterion": "activation"}, LowRankLinear),
         ({"method": "lowrank", "ratio": 0.5, "criterion": "fisher"}, LowRankLinear),
+        ({"method": "lowrank", "rank": 8, "criterion": "fisher_whitened"}, LowRankLinear),
         ({"method": "kronecker", "a_shape": [8, 8], "terms": 2, "criterion": "activation"}, None),
     ],
 )
@@ -178,6 +181,42 @@ def test_every_criterion_builds_layers_and_reports(stage, kind):
                 assert torch.all(module.weight[~module.mask] == 0)
     if stage["criterion"] == "sparsegpt":
         assert all(row.output_error is not None and row.output_error < 1 for row in report.modules)
+
+
+def test_fisher_whitened_weights_rows_by_the_dense_models_output_gradients(monkeypatch):
+    """Each module is factorized with G = output_gradient_energy of the *dense* model; constant G
+    gives exactly the whitened factors, the real G other ones."""
+    recipe = {"stages": [{"method": "lowrank", "targets": BLOCK_LINEARS, "rank": 6}]}
+
+    def compressed(criterion: str) -> nn.Module:
+        model = tiny_model("llama")
+        stage = {**recipe["stages"][0], "criterion": criterion}
+        compress_model(model, {"stages": [stage]}, calibration=CALIBRATION, progress=False)
+        return model
+
+    whitened, weighted = compressed("whitened"), compressed("fisher_whitened")
+    dense = tiny_model("llama")
+    names = [n for n, m in weighted.named_modules() if isinstance(m, LowRankLinear)]
+    expected = output_gradient_energy(dense, calibration_batches(CALIBRATION), names)
+    seen: dict[str, torch.Tensor] = {}
+    real = surgery_module.output_gradient_energy
+
+    def spy(model, batches, module_names):
+        energy = real(model, batches, module_names)
+        seen.update(energy)
+        return {n: torch.full_like(g, 2.5) for n, g in energy.items()}
+
+    monkeypatch.setattr(surgery_module, "output_gradient_energy", spy)
+    constant = compressed("fisher_whitened")
+    assert sorted(seen) == sorted(names)
+    for name in names:
+        assert torch.allclose(seen[name], expected[name], rtol=1e-4), name
+        w = whitened.get_submodule(name).weight
+        assert torch.allclose(constant.get_submodule(name).weight, w, atol=1e-5), name
+    assert any(
+        not torch.allclose(weighted.get_submodule(n).weight, whitened.get_submodule(n).weight)
+        for n in names
+    )
 
 
 def test_missing_calibration_and_unsupported_cases_are_refused_before_any_change():
@@ -279,7 +318,9 @@ def test_bf16_model_calibrates_in_fp32():
 
 
 def test_output_gradient_energy_matches_retained_gradients():
-    """G_j = Σ_tokens (∂L/∂y_j)², against y.grad retained in an ordinary backward pass."""
+    """G_j = Σ_tokens (∂L/∂y_j)², against y.grad retained in an ordinary backward pass of each
+    batch: G is taken one sequence at a time, which scales it by batch² (6² here) and nothing
+    else, since a token's output only reaches the loss of its own sequence."""
     model = tiny_model("llama")
     names = ["model.layers.0.mlp.down_proj", "model.layers.1.self_attn.q_proj"]
     batches = calibration_batches(CALIBRATION, batch_size=6)
@@ -302,4 +343,4 @@ def test_output_gradient_energy_matches_retained_gradients():
             ).square().sum(0)
     for n in names:
         assert energy[n].shape == (model.get_submodule(n).out_features,)
-        assert torch.allclose(energy[n], expected[n], rtol=1e-4, atol=1e-12)
+        assert torch.allclose(energy[n], 36 * expected[n], rtol=1e-4, atol=1e-12)

@@ -259,7 +259,16 @@ def test_help_on_new_subcommands(command):
     assert result.returncode == 0 and "usage: hfcompress" in result.stdout
 
 
-def test_plan_writes_a_recipe_that_compress_accepts(tiny_folder, tmp_path):
+@pytest.mark.parametrize(
+    ("flags", "method", "criterion"),
+    [
+        ((), "lowrank", "fisher_whitened"),
+        (("--method", "prune", "--allocation", "saliency"), "prune", "sparsegpt"),
+    ],
+)
+def test_plan_writes_a_recipe_that_compress_accepts(
+    tiny_folder, tmp_path, flags, method, criterion
+):
     recipe = tmp_path / "plan.yaml"
     result = run_cli(
         "plan",
@@ -276,12 +285,13 @@ def test_plan_writes_a_recipe_that_compress_accepts(tiny_folder, tmp_path):
         "16",
         "--output",
         str(recipe),
+        *flags,
     )
     assert result.returncode == 0, result.stderr
     import yaml
 
     stage = yaml.safe_load(recipe.read_text())["stages"][0]
-    assert stage["method"] == "lowrank" and stage["criterion"] == "whitened"
+    assert stage["method"] == method and stage["criterion"] == criterion
     bad = run_cli(
         "plan",
         str(tiny_folder),

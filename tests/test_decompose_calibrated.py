@@ -206,6 +206,28 @@ def test_whitened_svd_reaches_output_error_optimum(seed, rank):
     assert error <= output_error(W, U_svd @ V_svd, X) + 1e-6
 
 
+@pytest.mark.parametrize(("seed", "rank"), [(0, 1), (1, 4), (2, 7)])
+def test_fisher_whitened_reaches_the_weighted_output_error_optimum(seed, rank):
+    """min Σ_j G_j‖(W − Ŵ)_j X‖² = Σ_{i>r} σᵢ²(diag(√G)·W·L), L = chol(X·Xᵀ) (hand-computed)."""
+    g = gen(seed)
+    W, X = torch.randn(10, 12, generator=g), calibration_inputs(12, 100, g)
+    G = torch.rand(10, generator=g).double() * 10 + 0.01
+    H = X @ X.T
+
+    def weighted_error(W_hat: torch.Tensor) -> float:
+        rows = ((W.double() - W_hat.double()) @ X.double()).square().sum(dim=1)
+        return (rows * G).sum().sqrt().item()
+
+    U, V = whitened_svd_factors(W, H, rank, row_importance=G)
+    scaled = G.sqrt()[:, None] * W.double() @ torch.linalg.cholesky(H.double())
+    assert weighted_error(U @ V) == pytest.approx(tail_norm(scaled, rank), rel=1e-3)
+    U0, V0 = whitened_svd_factors(W, H, rank)  # unweighted: optimal for another objective
+    assert weighted_error(U @ V) <= weighted_error(U0 @ V0) + 1e-6
+    # equal weights change nothing
+    U1, V1 = whitened_svd_factors(W, H, rank, row_importance=torch.full((10,), 3.0))
+    assert torch.allclose(U1 @ V1, U0 @ V0, atol=1e-4)
+
+
 def test_whitened_svd_dampens_singular_h_with_warning():
     g = gen(3)
     W, X = torch.randn(6, 12, generator=g), torch.randn(12, 5, generator=g)  # rank(H) = 5
@@ -365,6 +387,11 @@ BAD_ARGUMENTS = [
     (lambda: whitened_svd_factors(W8, torch.eye(4), 2), r"H: expected.*\[8, 8\]"),
     (lambda: whitened_svd_factors(W8, H8, 5), r"rank=5.*\[1, 4\]"),
     (lambda: whitened_svd_factors(W8, H8, 2, ratio=0.5), r"exactly one"),
+    (
+        lambda: whitened_svd_factors(W8, H8, 2, row_importance=torch.ones(8)),
+        r"row_importance.*length out = 4.*\(8,\)",
+    ),
+    (lambda: whitened_svd_factors(W8, H8, 2, row_importance=-V8[:4]), r"row_importance.*nonneg"),
     (lambda: activation_svd_factors(W8, V8, 0), r"rank=0"),
     (lambda: activation_svd_factors(W8, torch.ones(4), 2), r"input_scale.*length in = 8"),
     (lambda: activation_svd_factors(W8, V8, 2, alpha=-1.0), r"alpha=-1\.0"),

@@ -11,7 +11,13 @@ import yaml
 from conftest import tiny_model
 from hfcompress import compress_model
 from hfcompress.errors import InvalidParameterError
-from hfcompress.planner import _allocate_ranks, _tail_errors, plan_recipe
+from hfcompress.planner import (
+    _allocate_ranks,
+    _allocate_sparsity,
+    _pruning_errors,
+    _tail_errors,
+    plan_recipe,
+)
 from hfcompress.recipe import Recipe
 
 CALIBRATION = torch.randint(1, 128, (12, 24), generator=torch.Generator().manual_seed(5))
@@ -23,6 +29,12 @@ def test_lowrank_plan_meets_budget_and_compress_model_agrees():
     plan = plan_recipe(model, CALIBRATION, keep=0.5, targets=MLP, progress=False)
     assert plan.dense == 6 * 128 * 64
     assert plan.planned <= plan.budget == int(0.5 * plan.dense)
+    # the modules are factorized for the objective their ranks were allocated with
+    assert plan.recipe.stages[0].criterion == "fisher_whitened"
+    output = plan_recipe(
+        model, CALIBRATION, keep=0.5, targets=MLP, weighting="output", progress=False
+    )
+    assert output.recipe.stages[0].criterion == "whitened"
     cheapest = min(sum(r.shape) for r in plan.rows)
     assert plan.budget - plan.planned < cheapest  # nothing else fits
     recipe = Recipe.load(yaml.safe_load(plan.recipe.to_yaml()))  # YAML round trip
@@ -94,6 +106,66 @@ def test_planned_ranks_beat_uniform_ranks_at_the_same_budget():
         ]
     }
     assert logit_error(plan.recipe) <= logit_error(uniform)
+
+
+def test_pruning_errors_are_sorted_obs_saliencies():
+    g = torch.Generator().manual_seed(3)
+    W, X = torch.randn(3, 5, generator=g), torch.randn(5, 40, generator=g)
+    H, G = X @ X.T, torch.tensor([1.0, 2.0, 0.5])
+    errors = _pruning_errors(W, H, G)
+    damped = H.double() + 0.01 * H.double().diagonal().mean() * torch.eye(5, dtype=torch.float64)
+    hinv = torch.linalg.inv(damped).diagonal()
+    for k in range(6):
+        # every row drops its k smallest w²/[H⁻¹]_ii, weighted by its G
+        expected = sum(
+            float(G[j]) * sorted((W[j].double() ** 2 / hinv).tolist())[:k][i]
+            for j in range(3)
+            for i in range(k)
+        )
+        assert float(errors[k]) == pytest.approx(expected, rel=1e-7, abs=1e-12), k
+
+
+def test_sparsity_allocation_is_optimal_on_a_small_case():
+    """Brute force over every per-row prune count: no allocation pruning at least as many weights
+    has less error (the Lagrangian guarantee), and it overshoots the target by less than a row."""
+    g = torch.Generator().manual_seed(4)
+    shapes = {"a": (2, 4), "b": (3, 3), "c": (1, 5)}
+    errors = {}
+    for n, (out, inp) in shapes.items():
+        steps = (torch.rand(inp, generator=g, dtype=torch.float64) * 3).sort().values * out
+        errors[n] = torch.cat([steps.new_zeros(1), steps.cumsum(0)])
+    for prune in range(1, 17):
+        chosen = _allocate_sparsity(errors, shapes, prune)
+        pruned = sum(shapes[n][0] * k for n, k in chosen.items())
+        error = sum(float(errors[n][k]) for n, k in chosen.items())
+        best = min(
+            sum(float(errors[n][k]) for n, k in zip(shapes, ks, strict=True))
+            for ks in itertools.product(*(range(i) for _, i in shapes.values()))
+            if sum(shapes[n][0] * k for n, k in zip(shapes, ks, strict=True)) >= pruned
+        )
+        assert prune <= pruned < prune + max(out for out, _ in shapes.values())
+        assert error == pytest.approx(best), prune
+
+
+def test_saliency_prune_plan_meets_budget_and_compress_model_agrees():
+    model = tiny_model("llama")
+    plan = plan_recipe(
+        model,
+        CALIBRATION,
+        keep=0.5,
+        targets=MLP,
+        method="prune",
+        allocation="saliency",
+        progress=False,
+    )
+    stage = plan.recipe.stages[0]
+    assert stage.criterion == "sparsegpt"
+    assert plan.planned <= plan.budget
+    assert plan.budget - plan.planned < max(r.shape[0] for r in plan.rows)  # within one step
+    assert len({r.setting for r in plan.rows}) > 1  # not uniform
+    report = compress_model(model, plan.recipe, calibration=CALIBRATION, progress=False)
+    kept = {m.name: m.params_after for m in report.modules}
+    assert kept == {r.name: r.params for r in plan.rows}
 
 
 def test_prune_plan_is_owl_style_and_meets_the_count():

@@ -329,7 +329,9 @@ def output_gradient_energy(
     The diagonal empirical Fisher of a module's outputs y (language-modeling loss, labels =
     input_ids): a small output change δy raises the loss by ≈ ½ Σ_j G_j δy_j², which makes
     errors of different modules comparable. No parameter gradient is computed: the first
-    module's output is made to require grad, and hooks on the outputs read ∂L/∂y.
+    module's output is made to require grad, and hooks on the outputs read ∂L/∂y. Runs one
+    sequence at a time (L its mean token loss), so memory stays at one sequence's activations
+    and logits; a batch's mean loss would scale every G by the same 1/batch².
     """
     energy: dict[str, torch.Tensor] = {}
 
@@ -357,10 +359,11 @@ def output_gradient_energy(
         for p in model.parameters():
             p.requires_grad_(False)
         for batch in batches:
-            inputs = {k: v.to(device) for k, v in batch.items()}
-            with torch.enable_grad():
-                loss = model(**inputs, labels=inputs["input_ids"], use_cache=False).loss
-                loss.backward()
+            for row in range(batch["input_ids"].shape[0]):
+                inputs = {k: v[row : row + 1].to(device) for k, v in batch.items()}
+                with torch.enable_grad():
+                    loss = model(**inputs, labels=inputs["input_ids"], use_cache=False).loss
+                    loss.backward()
     finally:
         for handle in handles:
             handle.remove()
@@ -414,6 +417,13 @@ def build_calibrated(
         )
     if criterion == "whitened":
         U, V = whitened_svd_factors(W, stats.gram, **params)
+        return LowRankLinear.from_factors(U, V, bias, source)
+    if criterion == "fisher_whitened":
+        if fisher is None:
+            raise HfCompressError(
+                "criterion 'fisher_whitened': no output-gradient statistics for this module"
+            )
+        U, V = whitened_svd_factors(W, stats.gram, row_importance=fisher, **params)
         return LowRankLinear.from_factors(U, V, bias, source)
     if criterion == "activation" and stage.method == "lowrank":
         U, V = activation_svd_factors(W, stats.mean_abs, **params)

@@ -364,6 +364,7 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
         targets=args.targets,
         method=args.method,
         weighting=args.weighting,
+        allocation=args.allocation,
     )
     console.print(plan.table())
     args.output.parent.mkdir(parents=True, exist_ok=True)
@@ -507,6 +508,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["loss", "output"],
         default="loss",
         help="lowrank: compare modules by estimated loss increase, or by relative output error",
+    )
+    plan.add_argument(
+        "--allocation",
+        choices=["owl", "saliency"],
+        default="owl",
+        help="prune: OWL block sparsities (wanda), or per-module sparsities from OBS saliencies "
+        "(sparsegpt)",
     )
     plan.add_argument("--calibration-text", type=Path, nargs="+", required=True)
     plan.add_argument("--n-calib", type=positive_int, default=32, help="calibration sequences")

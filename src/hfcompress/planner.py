@@ -8,12 +8,20 @@ edit, save as YAML and pass to ``compress_model``.
   ‖(W − Ŵ)X‖²_F of a rank-r factorization of module m is e_m(r) = Σ_{i>r} σᵢ²(W·L). By default
   (``weighting="loss"``) each output row is first weighted by √G_j, G_j = Σ_tokens (∂L/∂y_j)²,
   so e_m estimates the loss increase (diagonal empirical Fisher of the outputs) and modules are
-  compared in one unit; ``weighting="output"`` compares relative output errors instead. Ranks
-  minimizing Σ_m e_m(r_m) within the budget come from a Lagrangian relaxation in which a module
-  may also stay dense (no error, out·in parameters: cheaper than any rank past out·in/(out+in)).
-* ``prune``: OWL (Yin et al. 2024, "Outlier Weighed Layerwise Sparsity"): blocks with more
-  outlier Wanda scores (|W|·‖X‖ above ``outlier_factor`` × their mean) are pruned less,
-  s_l = s − λ·(D_l − D̄)/max|D − D̄|, shifted so the total pruned count meets the target.
+  compared in one unit, and the recipe's criterion is ``fisher_whitened``, which factorizes each
+  module for that same weighted error; ``weighting="output"`` compares relative output errors
+  (criterion ``whitened``) instead. Ranks minimizing Σ_m e_m(r_m) within the budget come from a
+  Lagrangian relaxation in which a module may also stay dense (no error, out·in parameters:
+  cheaper than any rank past out·in/(out+in)).
+* ``prune``, ``allocation="owl"``: OWL (Yin et al. 2024, "Outlier Weighed Layerwise Sparsity"):
+  blocks with more outlier Wanda scores (|W|·‖X‖ above ``outlier_factor`` × their mean) are
+  pruned less, s_l = s − λ·(D_l − D̄)/max|D − D̄|, shifted so the total pruned count meets the
+  target.
+* ``prune``, ``allocation="saliency"``: per-module sparsities from the Optimal Brain Surgeon
+  saliency that SparseGPT prunes by (Hassibi & Stork 1993): removing w_ji costs ≈ w_ji²/[H⁻¹]_ii
+  of output error, weighted by G_j like the low-rank errors. Each row prunes its k least salient
+  weights; the k of every module minimizes the summed estimate under the budget (Lagrangian, exact
+  since the sorted saliencies make each module's curve convex).
 """
 
 from __future__ import annotations
@@ -291,6 +299,85 @@ def _plan_prune(model, names, targets, stats, keep, criterion, owl_lambda, outli
     return Plan(Recipe.load({"stages": [stage]}), rows, int(keep * dense), dense)
 
 
+def _pruning_errors(
+    W: torch.Tensor, gram: torch.Tensor, row_weight: torch.Tensor | None
+) -> torch.Tensor:
+    """e(k) for k = 0 … in: the estimated error when every row prunes its k least salient weights.
+
+    OBS saliency of w_ji: w_ji²/[H⁻¹]_ii (H = X·Xᵀ dampened as SparseGPT does), times the row's
+    weight G_j; summing the sorted saliencies ignores the compensating updates, so it is an upper
+    estimate whose *comparison* between modules is what the allocation needs.
+    """
+    H = gram.double()
+    H = H + 0.01 * H.diagonal().mean().clamp_min(1e-12) * torch.eye(
+        H.shape[0], dtype=H.dtype, device=H.device
+    )
+    hinv_diag = torch.cholesky_inverse(torch.linalg.cholesky(H)).diagonal()
+    saliency = W.double().to(H.device).square() / hinv_diag[None, :]
+    if row_weight is not None:
+        saliency = saliency * row_weight.double().to(H.device)[:, None]
+    step = saliency.sort(dim=1).values.sum(0)  # the k-th prune of every row, non-decreasing in k
+    return torch.cat([step.new_zeros(1), step.cumsum(0)]).cpu()
+
+
+def _allocate_sparsity(
+    errors: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]], prune: int
+) -> dict[str, int]:
+    """Weights pruned per row, k_m, with Σ out_m·k_m ≥ ``prune`` and least Σ_m e_m(k_m).
+
+    Each module prunes while its marginal error per pruned weight is ≤ λ (e_m is convex in k), and
+    λ is bisected to the smallest value that prunes enough. k < in, so no module is removed.
+    """
+
+    def pruned_at(lam: float) -> dict[str, int]:
+        chosen = {}
+        for n, (out, inp) in shapes.items():
+            marginal = (errors[n][1:] - errors[n][:-1]) / out
+            chosen[n] = min(int((marginal <= lam).sum()), inp - 1)
+        return chosen
+
+    def total(chosen: dict[str, int]) -> int:
+        return sum(shapes[n][0] * k for n, k in chosen.items())
+
+    most = max(float(e[-1] - e[-2]) / shapes[n][0] for n, e in errors.items()) + 1.0
+    if total(pruned_at(most)) < prune:
+        raise InvalidParameterError("keep: below what pruning all but one weight per row leaves")
+    lo, hi = -1.0, most
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if total(pruned_at(mid)) >= prune:
+            hi = mid
+        else:
+            lo = mid
+    return pruned_at(hi)
+
+
+def _plan_prune_saliency(model, names, targets, stats, keep, criterion, gradients) -> Plan:
+    shapes, errors = {}, {}
+    for name in names:
+        W = dense_weight_of(model.get_submodule(name)).detach()
+        shapes[name] = (W.shape[0], W.shape[1])
+        row_weight = None if gradients is None else gradients[name]
+        errors[name] = _pruning_errors(W, stats[name].gram, row_weight)
+        if gradients is None:  # compare relative output errors: divide by ‖W·X‖²
+            errors[name] = errors[name] / float(
+                ((W.double() @ stats[name].gram.double()) * W.double()).sum()
+            )
+    dense = sum(o * i for o, i in shapes.values())
+    pruned = _allocate_sparsity(errors, shapes, dense - int(keep * dense))
+    sparsity = {n: pruned[n] / shapes[n][1] for n in names}
+    rows = [
+        PlanRow(n, shapes[n], sparsity[n], shapes[n][0] * (shapes[n][1] - pruned[n])) for n in names
+    ]
+    values = list(sparsity.values())
+    base = max(set(values), key=values.count)
+    stage = {"method": "prune", "targets": targets, "sparsity": base, "criterion": criterion}
+    overrides = {re.escape(n): {"sparsity": s} for n, s in sparsity.items() if s != base}
+    if overrides:
+        stage["overrides"] = overrides
+    return Plan(Recipe.load({"stages": [stage]}), rows, int(keep * dense), dense)
+
+
 def plan_recipe(
     model: nn.Module,
     calibration: Any,
@@ -302,6 +389,7 @@ def plan_recipe(
     owl_lambda: float = 0.08,
     outlier_factor: float = 5.0,
     weighting: Literal["loss", "output"] = "loss",
+    allocation: Literal["owl", "saliency"] = "owl",
     progress: bool = True,
 ) -> Plan:
     """Allocate per-layer ranks or sparsities so the targeted modules keep ``keep`` of their
@@ -312,14 +400,19 @@ def plan_recipe(
         calibration: calibration data in any form ``compress_model`` accepts.
         keep: fraction of the targeted modules' parameters to keep, in (0, 1).
         targets: regex (re.fullmatch) of the modules to compress.
-        method: ``"lowrank"`` (ranks from whitened spectra) or ``"prune"`` (OWL sparsities).
-        criterion: the recipe's criterion; default ``"whitened"`` / ``"wanda"``.
+        method: ``"lowrank"`` (ranks from whitened spectra) or ``"prune"`` (sparsities).
+        criterion: the recipe's criterion; default for ``lowrank`` the one whose objective the
+            ranks were allocated for (``"fisher_whitened"`` with ``weighting="loss"``,
+            ``"whitened"`` with ``"output"``), for ``prune`` ``"wanda"`` (OWL) or
+            ``"sparsegpt"`` (saliency).
         owl_lambda: OWL's maximal deviation of a block's sparsity from the target.
         outlier_factor: OWL's M: a score is an outlier above M × its block's mean.
-        weighting: ``lowrank`` only. ``"loss"``: each module's output error is weighted by the
-            squared loss gradients of its outputs (one backward pass per calibration batch), so
-            errors of different modules are compared by what they cost the loss; ``"output"``:
-            every module's relative output error counts the same.
+        weighting: ``lowrank`` and saliency pruning. ``"loss"``: each module's output error is
+            weighted by the squared loss gradients of its outputs (one backward pass per
+            calibration batch), so errors of different modules are compared by what they cost
+            the loss; ``"output"``: every module's relative output error counts the same.
+        allocation: ``prune`` only: ``"owl"`` (block sparsities from outlier ratios) or
+            ``"saliency"`` (per-module sparsities from OBS saliencies, for ``sparsegpt``).
         progress: progress bars.
 
     Returns:
@@ -332,14 +425,23 @@ def plan_recipe(
         raise InvalidParameterError(f"method={method!r}: expected 'lowrank' or 'prune'")
     if weighting not in ("loss", "output"):
         raise InvalidParameterError(f"weighting={weighting!r}: expected 'loss' or 'output'")
+    if allocation not in ("owl", "saliency"):
+        raise InvalidParameterError(f"allocation={allocation!r}: expected 'owl' or 'saliency'")
     names = _targets(model, targets)
     batches = calibration_batches(calibration)
-    stats = _dense_stats(model, names, batches, gram=method == "lowrank", progress=progress)
+    measured = method == "lowrank" or allocation == "saliency"
+    stats = _dense_stats(model, names, batches, gram=measured, progress=progress)
+    gradients = None
+    if measured and weighting == "loss":
+        gradients = output_gradient_energy(model, batches, names)
     if method == "lowrank":
-        gradients = None
-        if weighting == "loss":
-            gradients = output_gradient_energy(model, batches, names)
-        return _plan_lowrank(model, names, targets, stats, keep, criterion or "whitened", gradients)
+        # the modules are then factorized with the objective the ranks were allocated for
+        default = "whitened" if gradients is None else "fisher_whitened"
+        return _plan_lowrank(model, names, targets, stats, keep, criterion or default, gradients)
+    if allocation == "saliency":
+        return _plan_prune_saliency(
+            model, names, targets, stats, keep, criterion or "sparsegpt", gradients
+        )
     return _plan_prune(
         model, names, targets, stats, keep, criterion or "wanda", owl_lambda, outlier_factor
     )

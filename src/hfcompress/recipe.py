@@ -47,8 +47,12 @@ from hfcompress.errors import HfCompressError
 RECIPE_VERSION = 1
 # Criteria that need calibration data (compress_model(..., calibration=...)), and those of them
 # that need the inputs' Gram matrix X·Xᵀ rather than per-feature norms.
-CALIBRATED_CRITERIA = frozenset({"wanda", "sparsegpt", "activation", "whitened", "fisher"})
-GRAM_CRITERIA = frozenset({"sparsegpt", "whitened"})
+CALIBRATED_CRITERIA = frozenset(
+    {"wanda", "sparsegpt", "activation", "whitened", "fisher", "fisher_whitened"}
+)
+GRAM_CRITERIA = frozenset({"sparsegpt", "whitened", "fisher_whitened"})
+# criteria that also need the loss gradients of each module's outputs (a backward pass per batch)
+OUTPUT_GRADIENT_CRITERIA = frozenset({"fisher_whitened"})
 _NM = re.compile(r"^(\d+):(\d+)$")
 
 
@@ -206,11 +210,13 @@ class LowRankStage(_Stage):
     energy: float | None = Field(
         default=None, gt=0.0, le=1.0, description="Fraction of Σσᵢ² the kept rank retains."
     )
-    criterion: Literal["svd", "activation", "whitened", "fisher"] = Field(
+    criterion: Literal["svd", "activation", "whitened", "fisher", "fisher_whitened"] = Field(
         default="svd",
         description="'svd' (data-free, minimizes ‖W − Ŵ‖), 'activation' (ASVD scaling), 'whitened' "
-        "(SVD-LLM, minimizes ‖(W − Ŵ)X‖) or 'fisher' (FWSVD row weights from squared "
-        "gradients); all but 'svd' need calibration data.",
+        "(SVD-LLM, minimizes ‖(W − Ŵ)X‖), 'fisher' (FWSVD row weights from squared "
+        "gradients) or 'fisher_whitened' (minimizes Σ_j G_j‖(W − Ŵ)_j X‖², G_j the squared "
+        "loss gradients of output j: an estimate of the loss increase); all but 'svd' need "
+        "calibration data.",
     )
 
     @model_validator(mode="after")

@@ -32,6 +32,7 @@ from hfcompress.calibration import (
     fisher_row_importance,
     forward_groups,
     layer_stack,
+    output_gradient_energy,
     run_layerwise,
 )
 from hfcompress.errors import HfCompressError, InvalidParameterError
@@ -45,7 +46,13 @@ from hfcompress.layers import (
     module_spec,
     source_kind,
 )
-from hfcompress.recipe import GRAM_CRITERIA, Recipe, RecipeError, Stage
+from hfcompress.recipe import (
+    GRAM_CRITERIA,
+    OUTPUT_GRADIENT_CRITERIA,
+    Recipe,
+    RecipeError,
+    Stage,
+)
 
 SPEC_FORMAT_VERSION = 1
 QUANT_METHOD = "hfcompress"
@@ -582,8 +589,15 @@ def _apply_layerwise(
     prefix, stack = layer_stack(
         model, sorted({op.module_name for op in ops if op.stage.needs_calibration})
     )
-    fisher_names = sorted({op.module_name for op in ops if op.stage.criterion_name == "fisher"})
+
+    # Row weights, from the dense model before anything changes: FWSVD's weight-gradient Fisher
+    # for 'fisher', the output-gradient energy G for 'fisher_whitened'.
+    def wanting(criteria: frozenset[str]) -> list[str]:
+        return sorted({op.module_name for op in ops if op.stage.criterion_name in criteria})
+
+    fisher_names, energy_names = wanting(frozenset({"fisher"})), wanting(OUTPUT_GRADIENT_CRITERIA)
     fisher = fisher_row_importance(model, batches, fisher_names) if fisher_names else {}
+    energy = output_gradient_energy(model, batches, energy_names) if energy_names else {}
     by_block: dict[int, list[_Op]] = {}
     outside: list[_Op] = []
     for op in ops:
@@ -611,7 +625,10 @@ def _apply_layerwise(
             stats = collect_stats(block, inputs, wanted) if wanted else {}
             for name in group:
                 for op in by_module[name]:  # a module's stages in recipe order
-                    applier.apply(op, stats.get(name), fisher.get(op.module_name))
+                    rows = (energy if op.stage.criterion_name == "fisher_whitened" else fisher).get(
+                        op.module_name
+                    )
+                    applier.apply(op, stats.get(name), rows)
 
     run_layerwise(model, batches, stack, compress_block, progress)
     for op in outside:

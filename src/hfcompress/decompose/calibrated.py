@@ -318,6 +318,7 @@ def whitened_svd_factors(
     ratio: float | None = None,
     energy: float | None = None,
     damp: float = 1e-6,
+    row_importance: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SVD-LLM's truncation-aware whitening (Wang et al., 2024, "SVD-LLM: Truncation-aware
     Singular Value Decomposition for Large Language Model Compression").
@@ -327,6 +328,13 @@ def whitened_svd_factors(
     (Eckart–Young) and Ŵ = U_r·Σ_r·V_rᵀ·S⁻¹, with error √(Σ_{i>r} σᵢ(W·S)²). S⁻¹ is applied by a
     triangular solve, never formed.
 
+    With ``row_importance`` G: [out] it minimizes Σ_j G_j·‖(W − Ŵ)_j·X‖² instead, exactly, by the
+    same truncation of diag(√G)·W·S (then U ← diag(1/√G)·U). With G_j = Σ_tokens (∂L/∂y_j)², the
+    squared loss gradients of the layer's outputs, that is the second-order estimate of the loss
+    increase with a diagonal Fisher on the outputs and the Gram matrix on the inputs (the
+    ``fisher_whitened`` criterion: FWSVD's row weights, Hsu et al. 2022, inside SVD-LLM's
+    whitening).
+
     Args:
         W: [out, in] weight, any float dtype and device.
         H: [in, in], X·Xᵀ summed over the calibration tokens.
@@ -335,21 +343,30 @@ def whitened_svd_factors(
         damp: used only if H is not positive definite (fewer tokens than inputs, dead inputs):
             damp·mean(diag(H)), raised tenfold up to 4 times, is added to the diagonal, with a
             warning, as SVD-LLM's fallback does. The result is then near-optimal.
+        row_importance: optional [out] weights G ≥ 0 of the output rows; zeros are raised to
+            1e-6 of the largest so that 1/√G stays finite.
 
     Returns:
         ``(U, V)``, U = U_r·√Σ_r: [out, r], V = √Σ_r·V_rᵀ·S⁻¹: [r, in], W's dtype and device.
 
     Raises:
-        InvalidParameterError: bad shapes, rank selection or ``damp``.
+        InvalidParameterError: bad shapes, rank selection, ``damp`` or ``row_importance``.
     """
     _check_weight(W)
     H32 = _check_hessian(H, W.shape[1], W.device)
     _check_nonnegative("damp", damp, strict=True)
+    root = None
+    if row_importance is not None:
+        importance = _check_vector("row_importance", row_importance, W.shape[0], "out")
+        root = _floored(importance.to(W.device)).sqrt()
     S = _whitening_factor(H32, damp)
-    U_r, S_r, Vh_r = _truncated_svd(W.detach().float() @ S, W, rank, ratio, energy)
+    M32 = W.detach().float() @ S
+    U_r, S_r, Vh_r = _truncated_svd(
+        M32 if root is None else root[:, None] * M32, W, rank, ratio, energy
+    )
     # Vh_r·S⁻¹ solves Y·S = Vh_r for Y.
     V_unwhitened = torch.linalg.solve_triangular(S, Vh_r, upper=False, left=False)
-    return _balanced(U_r, S_r, V_unwhitened, W.dtype)
+    return _balanced(U_r if root is None else U_r / root[:, None], S_r, V_unwhitened, W.dtype)
 
 
 def activation_svd_factors(
