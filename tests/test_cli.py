@@ -263,7 +263,8 @@ def test_help_on_new_subcommands(command):
     ("flags", "method", "criterion"),
     [
         ((), "lowrank", "fisher_whitened"),
-        (("--method", "prune", "--allocation", "saliency"), "prune", "sparsegpt"),
+        (("--method", "prune"), "prune", "sparsegpt"),
+        (("--method", "prune", "--allocation", "owl"), "prune", "wanda"),
     ],
 )
 def test_plan_writes_a_recipe_that_compress_accepts(

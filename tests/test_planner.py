@@ -147,7 +147,8 @@ def test_sparsity_allocation_is_optimal_on_a_small_case():
         assert error == pytest.approx(best), prune
 
 
-def test_saliency_prune_plan_meets_budget_and_compress_model_agrees():
+@pytest.mark.parametrize("weighting", ["loss", "output"])
+def test_saliency_prune_plan_meets_budget_and_compress_model_agrees(weighting):
     model = tiny_model("llama")
     plan = plan_recipe(
         model,
@@ -155,7 +156,7 @@ def test_saliency_prune_plan_meets_budget_and_compress_model_agrees():
         keep=0.5,
         targets=MLP,
         method="prune",
-        allocation="saliency",
+        weighting=weighting,
         progress=False,
     )
     stage = plan.recipe.stages[0]
@@ -171,7 +172,13 @@ def test_saliency_prune_plan_meets_budget_and_compress_model_agrees():
 def test_prune_plan_is_owl_style_and_meets_the_count():
     model = tiny_model("llama")
     plan = plan_recipe(
-        model, CALIBRATION, keep=0.5, targets=r".*_proj", method="prune", progress=False
+        model,
+        CALIBRATION,
+        keep=0.5,
+        targets=r".*_proj",
+        method="prune",
+        allocation="owl",
+        progress=False,
     )
     stage = plan.recipe.stages[0]
     assert stage.criterion == "wanda" and len(stage.overrides) == 2  # one sparsity per block

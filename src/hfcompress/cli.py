@@ -511,10 +511,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plan.add_argument(
         "--allocation",
-        choices=["owl", "saliency"],
-        default="owl",
-        help="prune: OWL block sparsities (wanda), or per-module sparsities from OBS saliencies "
-        "(sparsegpt)",
+        choices=["saliency", "owl"],
+        default="saliency",
+        help="prune: per-module sparsities from OBS saliencies (sparsegpt), or OWL block "
+        "sparsities (wanda)",
     )
     plan.add_argument("--calibration-text", type=Path, nargs="+", required=True)
     plan.add_argument("--n-calib", type=positive_int, default=32, help="calibration sequences")
