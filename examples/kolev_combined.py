@@ -358,17 +358,9 @@ def load_data(tokenizer: Any, dataset: str, train_tokens: int, eval_tokens: int)
             if budget <= 0:
                 break
     else:
-        from offline_data import heldout_and_calibration_split, shakespeare_texts
+        from offline_data import shakespeare_train_and_heldout
 
-        texts = shakespeare_texts()
-        held_out, train_plays = heldout_and_calibration_split()
-        train = []
-        for name in train_plays:
-            train.append(texts[name].read_text(encoding="utf-8")[:budget])
-            budget -= len(train[-1])
-            if budget <= 0:
-                break
-        heldout = "\n\n".join(texts[n].read_text(encoding="utf-8") for n in held_out)
+        train, heldout = shakespeare_train_and_heldout(budget)
     ids = tokenizer(heldout[: eval_tokens * 8], return_tensors="pt").input_ids[:, :eval_tokens]
     return Dataset.from_dict({"text": train}), ids
 

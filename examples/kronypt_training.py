@@ -292,17 +292,9 @@ def load_texts(dataset: str, train_tokens: int) -> tuple[Dataset, str]:
             if chars >= train_tokens * 4:  # ~4 characters per token
                 break
         return Dataset.from_dict({"text": train}), "\n\n".join(data["test"]["text"])
-    from offline_data import heldout_and_calibration_split, shakespeare_texts
+    from offline_data import shakespeare_train_and_heldout
 
-    texts = shakespeare_texts()
-    held_out, train_plays = heldout_and_calibration_split()
-    train, budget = [], train_tokens * 4  # ~4 characters per token
-    for name in train_plays:
-        train.append(texts[name].read_text(encoding="utf-8")[:budget])
-        budget -= len(train[-1])
-        if budget <= 0:
-            break
-    heldout = "\n\n".join(texts[name].read_text(encoding="utf-8") for name in held_out)
+    train, heldout = shakespeare_train_and_heldout(train_tokens * 4)  # ~4 characters per token
     return Dataset.from_dict({"text": train}), heldout
 
 

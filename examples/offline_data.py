@@ -237,6 +237,24 @@ def heldout_and_calibration_split() -> tuple[list[str], list[str]]:
     return held_out, calibration
 
 
+def shakespeare_train_and_heldout(chars: int) -> tuple[list[str], str]:
+    """The first ``chars`` characters of the training plays, play by play, and the held-out text.
+
+    Returns:
+        ``(train, heldout)``: one string per training play used (the last one cut to fit), and
+        the held-out plays (:func:`heldout_and_calibration_split`) joined by blank lines.
+    """
+    texts = shakespeare_texts()
+    held_out, train_plays = heldout_and_calibration_split()
+    train, budget = [], chars
+    for name in train_plays:
+        train.append(texts[name].read_text(encoding="utf-8")[:budget])
+        budget -= len(train[-1])
+        if budget <= 0:
+            break
+    return train, "\n\n".join(texts[name].read_text(encoding="utf-8") for name in held_out)
+
+
 if __name__ == "__main__":
     print("smollm2:    ", smollm2_dir())
     print("minilm:     ", minilm_dir())

@@ -28,6 +28,16 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def one_thread():
+    """Run a test single-threaded: tiny matrices gain nothing from threads, and on a busy machine
+    OpenMP spin-waits dominate (an SVD of a [2048, 4] matrix took 0.14 s instead of 40 µs)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def linear_and_conv1d(
     out_features: int, in_features: int, bias: bool = True
 ) -> tuple[nn.Linear, Conv1D]:

@@ -67,16 +67,6 @@ def test_genre_map_and_split_are_disjoint_by_play():
     assert {ec.GENRE[p] for p in ec.TEST_PLAYS} == set(ec.GENRES)
 
 
-@pytest.fixture
-def one_thread():
-    # Tiny matrices: with 2 threads on a busy machine, OpenMP spin-waits dominate (an SVD of a
-    # [2048, 4] matrix took 0.14 s instead of 40 µs), so the smoke test runs single-threaded.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_encoder_compression_table(tmp_path: Path, one_thread: None):
     model, tokenizer = tiny_model("bert"), word_tokenizer(WORDS)
     train, test = _dataset(48, 0), _dataset(24, 1)

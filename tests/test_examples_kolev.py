@@ -9,7 +9,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 from datasets import Dataset
 from rich.console import Console
@@ -40,15 +39,6 @@ WORDS = [
 MLP = r"model\.layers\.\d+\.mlp\.(gate|up|down)_proj"
 # tiny Llama (tests/conftest.py): hidden 64, MLP 128, 2 layers, 4 heads of 16, 2 KV heads, vocab 128
 HIDDEN, FFN, LAYERS, KV, VOCAB = 64, 128, 2, 32, 128
-
-
-@pytest.fixture
-def one_thread():
-    # tiny matrices: one thread avoids oversubscription on a shared 2-core machine (5x faster)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def dense_params() -> int:

@@ -41,13 +41,8 @@ WORDS = [
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matrices gain nothing from threads, and on a loaded machine every op of a 2-thread
-    # pool waits for the slower thread: 1 thread runs this file ~10x faster there.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _single_threaded(one_thread):
+    """Every test here runs on one thread (see conftest.one_thread)."""
 
 
 def _data(tmp_path: Path):
