@@ -51,8 +51,6 @@ CALIBRATED_CRITERIA = frozenset(
     {"wanda", "sparsegpt", "activation", "whitened", "fisher", "fisher_whitened"}
 )
 GRAM_CRITERIA = frozenset({"sparsegpt", "whitened", "fisher_whitened"})
-# criteria that also need the loss gradients of each module's outputs (a backward pass per batch)
-OUTPUT_GRADIENT_CRITERIA = frozenset({"fisher_whitened"})
 _NM = re.compile(r"^(\d+):(\d+)$")
 
 

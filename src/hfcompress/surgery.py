@@ -46,13 +46,7 @@ from hfcompress.layers import (
     module_spec,
     source_kind,
 )
-from hfcompress.recipe import (
-    GRAM_CRITERIA,
-    OUTPUT_GRADIENT_CRITERIA,
-    Recipe,
-    RecipeError,
-    Stage,
-)
+from hfcompress.recipe import GRAM_CRITERIA, Recipe, RecipeError, Stage
 
 SPEC_FORMAT_VERSION = 1
 QUANT_METHOD = "hfcompress"
@@ -590,14 +584,16 @@ def _apply_layerwise(
         model, sorted({op.module_name for op in ops if op.stage.needs_calibration})
     )
 
-    # Row weights, from the dense model before anything changes: FWSVD's weight-gradient Fisher
-    # for 'fisher', the output-gradient energy G for 'fisher_whitened'.
-    def wanting(criteria: frozenset[str]) -> list[str]:
-        return sorted({op.module_name for op in ops if op.stage.criterion_name in criteria})
-
-    fisher_names, energy_names = wanting(frozenset({"fisher"})), wanting(OUTPUT_GRADIENT_CRITERIA)
-    fisher = fisher_row_importance(model, batches, fisher_names) if fisher_names else {}
-    energy = output_gradient_energy(model, batches, energy_names) if energy_names else {}
+    # Row weights per criterion, from the dense model before anything changes: FWSVD's
+    # weight-gradient Fisher ('fisher'), the output-gradient energy G ('fisher_whitened').
+    row_weights = {
+        criterion: measure(model, batches, names)
+        for criterion, measure in (
+            ("fisher", fisher_row_importance),
+            ("fisher_whitened", output_gradient_energy),
+        )
+        if (names := sorted({op.module_name for op in ops if op.stage.criterion_name == criterion}))
+    }
     by_block: dict[int, list[_Op]] = {}
     outside: list[_Op] = []
     for op in ops:
@@ -625,9 +621,7 @@ def _apply_layerwise(
             stats = collect_stats(block, inputs, wanted) if wanted else {}
             for name in group:
                 for op in by_module[name]:  # a module's stages in recipe order
-                    rows = (energy if op.stage.criterion_name == "fisher_whitened" else fisher).get(
-                        op.module_name
-                    )
+                    rows = row_weights.get(op.stage.criterion_name, {}).get(op.module_name)
                     applier.apply(op, stats.get(name), rows)
 
     run_layerwise(model, batches, stack, compress_block, progress)
