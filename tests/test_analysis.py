@@ -264,7 +264,7 @@ def test_analyze_model_target_errors():
         analyze_model(model, targets=r"q_proj", progress=False)  # fullmatch, not search
     with pytest.raises(InvalidParameterError, match="fully matches no"):
         analyze_model(model, targets=r"lm_head", progress=False)  # only a tied module
-    with pytest.raises(InvalidParameterError, match="not a valid regex"):
+    with pytest.raises(InvalidParameterError, match="not a valid regular expression"):
         analyze_model(model, targets=r"(", progress=False)
 
 

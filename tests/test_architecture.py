@@ -15,6 +15,7 @@ PACKAGE = Path(hfcompress.__file__).parent
 ORDER = [
     "_version",
     "errors",
+    "matching",
     "decompose",
     "recipe",
     "layers",
@@ -59,6 +60,12 @@ def test_imports_point_one_way():
             if other in ORDER and ORDER.index(other) > ORDER.index(own):
                 violations.append(f"{relative} imports {module}")
     assert not violations, violations
+
+
+def test_every_module_has_a_place_in_the_order():
+    # a module missing from ORDER would escape test_imports_point_one_way
+    tops = {p.relative_to(PACKAGE).parts[0].removesuffix(".py") for p in PACKAGE.rglob("*.py")}
+    assert tops - {"__init__"} <= set(ORDER), sorted(tops - {"__init__"} - set(ORDER))
 
 
 def test_import_does_not_initialise_cuda():

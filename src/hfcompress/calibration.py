@@ -94,6 +94,12 @@ def calibration_batches(calibration: Any, batch_size: int = 8) -> list[Batch]:
         InvalidParameterError: anything else, or no data.
     """
     batches: list[Batch] = []
+    if isinstance(calibration, (str, bytes)):
+        raise InvalidParameterError(
+            f"calibration: got a {type(calibration).__name__} ({str(calibration)[:40]!r}...); "
+            "pass token ids, e.g. tokenizer(texts, return_tensors='pt').input_ids "
+            "(a LongTensor [n, seq]), or a datasets.Dataset with input_ids"
+        )
     if isinstance(calibration, torch.Tensor):
         if calibration.dtype != torch.long or calibration.ndim != 2:
             raise InvalidParameterError(
@@ -300,6 +306,8 @@ def fisher_row_importance(
     importance = {name: None for name in module_names}
     device = next(model.parameters()).device
     was_training = model.training
+    # The user's own gradients (e.g. accumulated by a training loop) are put back afterwards.
+    saved_grads = [(p, p.grad) for p in model.parameters()]
     model.eval()
     try:
         for batch in batches:
@@ -316,7 +324,8 @@ def fisher_row_importance(
                 rows = grad.square().sum(1)
                 importance[name] = rows if importance[name] is None else importance[name] + rows
     finally:
-        model.zero_grad(set_to_none=True)
+        for p, grad in saved_grads:
+            p.grad = grad
         model.train(was_training)
     return importance
 

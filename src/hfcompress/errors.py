@@ -26,3 +26,7 @@ class UnsupportedModuleError(HfCompressError, TypeError, ValueError):
     It is both a ``TypeError`` (the natural builtin) and a ``ValueError`` (what every other
     bad argument to ``from_module`` raises), so either ``except`` clause catches it.
     """
+
+
+class RecipeError(HfCompressError, ValueError):
+    """A recipe that cannot be parsed or does not fit the model; the message names the field."""

@@ -42,6 +42,7 @@ from hfcompress.calibration import InputStats, calibration_batches, output_gradi
 from hfcompress.decompose.calibrated import wanda_scores
 from hfcompress.errors import InvalidParameterError
 from hfcompress.layers import dense_weight_of
+from hfcompress.matching import select
 from hfcompress.recipe import Recipe
 from hfcompress.surgery import compressible_modules, tied_modules
 
@@ -91,7 +92,7 @@ class Plan:
 
 def _targets(model: nn.Module, targets: str) -> list[str]:
     tied = tied_modules(model)
-    names = [n for n in compressible_modules(model) if re.fullmatch(targets, n) and n not in tied]
+    names = [n for n in select(targets, compressible_modules(model)) if n not in tied]
     if not names:
         raise InvalidParameterError(
             f"targets={targets!r}: matches no Linear/Conv1D module "

@@ -37,12 +37,14 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictInt,
     ValidationError,
     field_validator,
     model_validator,
 )
 
-from hfcompress.errors import HfCompressError
+from hfcompress.errors import RecipeError
+from hfcompress.matching import check_pattern, fullmatch
 
 RECIPE_VERSION = 1
 # Criteria that need calibration data (compress_model(..., calibration=...)), and those of them
@@ -54,18 +56,8 @@ GRAM_CRITERIA = frozenset({"sparsegpt", "whitened", "fisher_whitened"})
 _NM = re.compile(r"^(\d+):(\d+)$")
 
 
-class RecipeError(HfCompressError, ValueError):
-    """A recipe that cannot be parsed or does not fit the model; the message names the field."""
-
-
 def _check_regex(value: str, field: str) -> str:
-    try:
-        re.compile(value)
-    except re.error as error:
-        raise ValueError(
-            f"{field}: {value!r} is not a valid regular expression ({error})"
-        ) from error
-    return value
+    return check_pattern(value, field)
 
 
 class _Stage(BaseModel):
@@ -130,7 +122,7 @@ class _Stage(BaseModel):
     def settings_for(self, module_name: str) -> _Stage:
         """This stage with the first matching override applied (the stage itself if none)."""
         for key, settings in self.overrides.items():
-            if re.fullmatch(key, module_name):
+            if fullmatch(key, module_name, "overrides"):
                 merged = self._merge(self.model_dump(exclude={"overrides"}), settings)
                 return type(self).model_validate(merged)
         return self
@@ -149,6 +141,8 @@ class PruneStage(_Stage):
         default=None,
         ge=0.0,
         lt=1.0,
+        strict=True,
+        allow_inf_nan=False,
         description="Fraction of weights set to zero, in [0, 1). Implied by an N:M pattern.",
     )
     pattern: str = Field(
@@ -201,12 +195,24 @@ class LowRankStage(_Stage):
     """
 
     method: Literal["lowrank"] = "lowrank"
-    rank: int | None = Field(default=None, ge=1, description="Rank r of U: [out, r], V: [r, in].")
+    rank: int | None = Field(
+        default=None, ge=1, strict=True, description="Rank r of U: [out, r], V: [r, in]."
+    )
     ratio: float | None = Field(
-        default=None, gt=0.0, le=1.0, description="Fraction of the layer's parameters to keep."
+        default=None,
+        gt=0.0,
+        le=1.0,
+        strict=True,
+        allow_inf_nan=False,
+        description="Fraction of the layer's parameters to keep.",
     )
     energy: float | None = Field(
-        default=None, gt=0.0, le=1.0, description="Fraction of Σσᵢ² the kept rank retains."
+        default=None,
+        gt=0.0,
+        le=1.0,
+        strict=True,
+        allow_inf_nan=False,
+        description="Fraction of Σσᵢ² the kept rank retains.",
     )
     criterion: Literal["svd", "activation", "whitened", "fisher", "fisher_whitened"] = Field(
         default="svd",
@@ -250,10 +256,10 @@ class KroneckerStage(_Stage):
     """
 
     method: Literal["kronecker"] = "kronecker"
-    a_shape: tuple[int, int] = Field(
+    a_shape: tuple[StrictInt, StrictInt] = Field(
         description="(m1, n1), the shape of A; must divide the weight's [out, in]."
     )
-    terms: int = Field(default=1, ge=1, description="Number of Kronecker terms k.")
+    terms: int = Field(default=1, ge=1, strict=True, description="Number of Kronecker terms k.")
     criterion: Literal["vanloan", "activation"] = Field(
         default="vanloan",
         description="'vanloan' (data-free nearest Kronecker sum) or 'activation' (weights the "
@@ -285,7 +291,9 @@ class Recipe(BaseModel):
     exclude: str | None = Field(
         default=None, description="Regex of module names that no stage touches (e.g. 'lm_head')."
     )
-    version: int = Field(default=RECIPE_VERSION, description="Recipe format version.")
+    version: int = Field(
+        default=RECIPE_VERSION, ge=1, strict=True, description="Recipe format version."
+    )
 
     @field_validator("exclude")
     @classmethod
@@ -348,6 +356,10 @@ def _read_file(path: Path) -> Any:
         ) from error
 
 
+# Pydantic error types of a strict field given the wrong type (True for an int, 8.0 for an int).
+_STRICT_TYPES = frozenset({"int_type", "float_type", "int_from_float"})
+
+
 def _location(loc: tuple[Any, ...]) -> str:
     parts = []
     for item in loc:
@@ -376,6 +388,10 @@ def format_validation_error(error: ValidationError) -> str:
             message = f"unknown method {item['input'].get('method')!r}; allowed: {list(METHODS)}"
         elif item["type"] == "union_tag_not_found":
             message = f"missing 'method'; allowed: {list(METHODS)}"
+        elif item["type"] == "finite_number":
+            message = f"got {item['input']!r}; NaN and infinity are not allowed"
+        elif item["type"] in _STRICT_TYPES:
+            message = f"{message}, got {item['input']!r} ({type(item['input']).__name__})"
         messages.append(f"{where}: {message}" if where else message)
     return "; ".join(messages)
 

@@ -11,7 +11,6 @@ exactly as it was.
 from __future__ import annotations
 
 import io
-import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +45,7 @@ from hfcompress.layers import (
     module_spec,
     source_kind,
 )
+from hfcompress.matching import fullmatch, select
 from hfcompress.recipe import GRAM_CRITERIA, Recipe, RecipeError, Stage
 
 SPEC_FORMAT_VERSION = 1
@@ -234,7 +234,7 @@ def tied_modules(model: nn.Module) -> dict[str, str]:
 
 def _excluded(name: str, recipe: Recipe, stage: Stage) -> bool:
     return any(
-        pattern is not None and re.fullmatch(pattern, name)
+        pattern is not None and fullmatch(pattern, name, "exclude")
         for pattern in (recipe.exclude, stage.exclude)
     )
 
@@ -303,9 +303,8 @@ def plan_compression(
     errors: list[str] = []
     for index, stage in enumerate(recipe.stages):
         where = f"stages[{index}]({stage.method})"
-        matched = [
-            n for n in units if re.fullmatch(stage.targets, n) and not _excluded(n, recipe, stage)
-        ]
+        targeted = select(stage.targets, units, f"{where}.targets")
+        matched = [n for n in targeted if not _excluded(n, recipe, stage)]
         eligible = []
         for name in matched:
             if name in tied:
@@ -316,7 +315,7 @@ def plan_compression(
             else:
                 eligible.append(name)
         if not eligible:
-            errors.append(_no_match_message(where, stage.targets, units, matched))
+            errors.append(_no_match_message(where, stage.targets, units, targeted, matched))
             continue
         for name in eligible:
             op = _Op(index, stage.settings_for(name), name, units[name].kind)
@@ -362,10 +361,16 @@ def _check_layer_stack(model: nn.Module, ops: list[_Op]) -> list[str]:
 
 
 def _no_match_message(
-    where: str, targets: str, units: dict[str, _Virtual], matched: list[str]
+    where: str, targets: str, units: dict[str, _Virtual], targeted: list[str], matched: list[str]
 ) -> str:
     if matched:
         return f"{where}.targets: {targets!r} matches only tied modules {matched}"
+    if targeted:
+        few = targeted[:4] + (["..."] if len(targeted) > 4 else [])
+        return (
+            f"{where}.targets: {targets!r} matches {len(targeted)} modules, all excluded by "
+            f"`exclude` (the recipe's or the stage's), e.g. {few}"
+        )
     examples = list(units)[:6]
     return (
         f"{where}.targets: {targets!r} fully matches no Linear/Conv1D or compressed module "
@@ -492,7 +497,8 @@ def compress_model(
             else:
                 for op in _iterate(ops, progress):
                     applier.apply(op)
-    except Exception as error:
+    except BaseException as error:
+        # Anything at all, Ctrl-C included: put every original module back first.
         applier.undo()
         op = applier.last
         where = (
@@ -500,6 +506,10 @@ def compress_model(
             if op is None
             else f"on module {op.module_name!r} in stages[{op.stage_index}] ({op.stage.method})"
         )
+        if not _is_decomposition_failure(error):
+            # Interrupts, out-of-memory and programming errors propagate as themselves.
+            _add_note(error, f"hfcompress: compress_model stopped {where}; model restored")
+            raise
         raise HfCompressError(
             f"compress_model: failed {where}; the model was restored unchanged: {error}"
         ) from error
@@ -511,6 +521,23 @@ def compress_model(
     else:
         record_compression(model)
     return report
+
+
+def _is_decomposition_failure(error: BaseException) -> bool:
+    """Whether ``error`` is a module's decomposition failing (reported as an HfCompressError).
+
+    Numerical failures (a singular Cholesky factor, an SVD that does not converge, a bad value)
+    are; interrupts, out-of-memory and programming errors (TypeError, AttributeError, ...) are
+    not, so that a caller sees them as what they are.
+    """
+    if isinstance(error, torch.OutOfMemoryError):
+        return False
+    return isinstance(error, (HfCompressError, ValueError, ArithmeticError, RuntimeError))
+
+
+def _add_note(error: BaseException, note: str) -> None:
+    if hasattr(error, "add_note"):  # Python ≥ 3.11
+        error.add_note(note)
 
 
 class _Applier:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import io
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -39,6 +38,7 @@ from tqdm.auto import tqdm
 from hfcompress.decompose import kronecker_error, kronecker_shapes, magnitude_mask, rank_for_ratio
 from hfcompress.errors import InvalidParameterError
 from hfcompress.layers import dense_weight_of
+from hfcompress.matching import check_pattern, select
 from hfcompress.surgery import compressible_modules, tied_modules
 
 Method = Literal["lowrank", "prune", "kronecker"]
@@ -431,13 +431,14 @@ def analyze_model(
         >>> print(analysis)
     """
     budget, ratios = _check_options(budget, ratios, rtol, kronecker_candidates)
-    try:
-        pattern = None if targets is None else re.compile(targets)
-    except re.error as error:
-        raise InvalidParameterError(f"targets={targets!r}: not a valid regex ({error})") from error
+    if targets is not None:
+        try:
+            check_pattern(targets, "targets")
+        except ValueError as error:
+            raise InvalidParameterError(str(error)) from error
     units = compressible_modules(model)
     tied = tied_modules(model)
-    matched = [n for n in units if pattern is None or pattern.fullmatch(n)]
+    matched = units if targets is None else select(targets, units)
     names = [n for n in matched if n not in tied]
     skipped = [
         (n, f"weight tied to {tied[n]}; compress_model skips it too") for n in matched if n in tied

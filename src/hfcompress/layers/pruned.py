@@ -271,9 +271,22 @@ class PrunedLinear(CompressedLayer):
         ignores ``sparsity``. Weights pruned earlier are 0, so they come back only if nothing
         larger is left, which magnitude order makes impossible while the sparsity rises.
         """
+        self.set_mask_(*self.next_mask(sparsity))
+
+    @torch.no_grad()
+    def next_mask(self, sparsity: float | None = None) -> tuple[float, torch.Tensor]:
+        """(sparsity, mask [out, in]) that :meth:`update_mask` would set; changes nothing."""
         if self.pattern == UNSTRUCTURED and sparsity is not None:
-            self.sparsity = resolve_sparsity(self.pattern, sparsity)
-        self.mask.copy_(compute_mask(self.weight * self.mask, self.pattern, self.sparsity))
+            sparsity = resolve_sparsity(self.pattern, sparsity)
+        else:
+            sparsity = self.sparsity
+        return sparsity, compute_mask(self.weight * self.mask, self.pattern, sparsity)
+
+    @torch.no_grad()
+    def set_mask_(self, sparsity: float, mask: torch.Tensor) -> None:
+        """Install ``mask`` (and the sparsity it has) and zero the weights it removes."""
+        self.sparsity = sparsity
+        self.mask.copy_(mask)
         self.apply_mask_()
 
     def dense_weight(self) -> torch.Tensor:

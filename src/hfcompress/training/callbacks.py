@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -120,9 +121,11 @@ class GradualPruningCallback(TrainerCallback):
         step = state.global_step
         if self.is_update_step(step):
             sparsity = self.sparsity_at(step)
-            for layer in layers:
-                layer.update_mask(sparsity)
-            record_compression(model)
+            with _UndoOnInterrupt() as undo:
+                undo.add(lambda: record_compression(model))  # runs last: the restored structure
+                for layer in layers:
+                    _update_mask_undoably(layer, sparsity, undo)
+                record_compression(model)
         else:
             for layer in layers:
                 layer.apply_mask_()
@@ -206,17 +209,67 @@ class ProgressiveRankCallback(TrainerCallback):
             return
         model, optimizer = kwargs["model"], kwargs.get("optimizer")
         replaced: dict[nn.Parameter, nn.Parameter] = {}
-        for layer in _layers(model, LowRankLinear).values():
-            new_rank = max(self.floor(layer), int(layer.rank * self.factor))
-            if new_rank >= layer.rank:
-                continue
-            old = _factor_params(layer)
-            layer.truncate(new_rank)
-            replaced.update(zip(old, _factor_params(layer), strict=True))
-        if replaced:
-            if optimizer is not None:
-                remap_optimizer(optimizer, replaced)
-            record_compression(model)
+        with _UndoOnInterrupt() as undo:
+            undo.add(lambda: record_compression(model))  # runs last: the restored structure
+            for layer in _layers(model, LowRankLinear).values():
+                new_rank = max(self.floor(layer), int(layer.rank * self.factor))
+                if new_rank >= layer.rank:
+                    continue
+                old = _factor_params(layer)
+                # truncate puts new factor modules in place: the old ones are the undo
+                undo.add(_factor_restorer(layer, layer.u, layer.v))
+                layer.truncate(new_rank)
+                replaced.update(zip(old, _factor_params(layer), strict=True))
+            if replaced:
+                if optimizer is not None:
+                    undo.add(
+                        lambda: remap_optimizer(optimizer, {v: k for k, v in replaced.items()})
+                    )
+                    remap_optimizer(optimizer, replaced)
+                record_compression(model)
+
+
+class _UndoOnInterrupt:
+    """Undo steps for in-place changes to a model, run in reverse if the block is left by any
+    exception (Ctrl-C included), so a callback's change is all or nothing."""
+
+    def __init__(self) -> None:
+        self._steps: list[Callable[[], None]] = []
+
+    def add(self, step: Callable[[], None]) -> None:
+        self._steps.append(step)
+
+    def __enter__(self) -> _UndoOnInterrupt:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> bool:
+        if exc_type is not None:
+            with torch.no_grad():
+                for step in reversed(self._steps):
+                    step()
+        return False
+
+
+def _update_mask_undoably(layer: PrunedLinear, sparsity: float, undo: _UndoOnInterrupt) -> None:
+    new_sparsity, mask = layer.next_mask(sparsity)
+    old_sparsity, old_mask = layer.sparsity, layer.mask.clone()
+    removed = old_mask & ~mask
+    values = layer.weight.detach()[removed].clone()  # only what this update zeroes
+
+    def restore() -> None:
+        layer.sparsity = old_sparsity
+        layer.mask.copy_(old_mask)
+        layer.weight.detach()[removed] = values
+
+    undo.add(restore)
+    layer.set_mask_(new_sparsity, mask)
+
+
+def _factor_restorer(layer: LowRankLinear, u: nn.Module, v: nn.Module) -> Callable[[], None]:
+    def restore() -> None:
+        layer.u, layer.v = u, v
+
+    return restore
 
 
 def _factor_params(layer: LowRankLinear) -> list[nn.Parameter]:
