@@ -293,3 +293,21 @@ def test_interrupted_rank_reduction_is_undone(monkeypatch):
     # the optimizer still holds exactly the model's parameters
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
     assert held == {id(p) for p in model.parameters()} and all(id(p) in held for p in parameters)
+
+
+def test_report_table_shows_the_output_error_when_computed():
+    model = tiny_model("llama")
+    targets = r"model\.layers\.\d+\.mlp\.up_proj"
+    stage = {"method": "prune", "targets": targets, "sparsity": 0.5, "criterion": "sparsegpt"}
+    report = compress_model(model, {"stages": [stage]}, calibration=CALIBRATION, progress=False)
+    text = str(report)
+    assert "output error" in text
+    for module in report.modules:
+        assert module.output_error is not None
+        assert f"{module.output_error:.4f}" in text
+    data_free = compress_model(
+        tiny_model("llama"),
+        {"stages": [{"method": "prune", "targets": targets, "sparsity": 0.5}]},
+        progress=False,
+    )
+    assert "output error" not in str(data_free)

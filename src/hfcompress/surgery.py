@@ -143,18 +143,21 @@ class CompressionReport:
         for col in ["module", "method", "W [out, in]", "params before", "params after", "setting"]:
             table.add_column(col, justify="right" if "params" in col else "left")
         table.add_column("rel. error", justify="right")
+        with_output = any(m.output_error is not None for m in self.modules)
+        if with_output:
+            table.add_column("output error", justify="right")
         for m in self.modules:
             setting = ", ".join(f"{k}={v}" for k, v in m.settings.items())
-            error = "-" if m.rel_error is None else f"{m.rel_error:.4f}"
-            table.add_row(
+            row = [
                 m.name,
                 "+".join(m.methods),
                 f"[{m.shape[0]}, {m.shape[1]}]",
                 f"{m.params_before:,}",
                 f"{m.params_after:,}",
                 setting,
-                error,
-            )
+                _fmt_error(m.rel_error),
+            ]
+            table.add_row(*row, *([_fmt_error(m.output_error)] if with_output else []))
         ratio = self.params_before / max(self.params_after, 1)
         caption = [
             f"{len(self.modules)} modules: {self.params_before:,} → {self.params_after:,} "
@@ -173,6 +176,10 @@ class CompressionReport:
         console = Console(width=160, record=True, file=io.StringIO())
         console.print(self.table())
         return console.export_text()
+
+
+def _fmt_error(error: float | None) -> str:
+    return "-" if error is None else f"{error:.4f}"
 
 
 def _is_dense(module: nn.Module) -> bool:
