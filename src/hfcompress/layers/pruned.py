@@ -302,10 +302,6 @@ class PrunedLinear(CompressedLayer):
         bias = self.bias.numel() if self.bias is not None else 0
         return int(self.mask.sum()) + bias
 
-    def measured_sparsity(self) -> float:
-        """Fraction of masked-out weights, read off the mask."""
-        return 1.0 - float(self.mask.sum()) / self.mask.numel()
-
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -6,24 +6,12 @@ reused outside the Trainer.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
 from hfcompress.errors import InvalidParameterError
 
 IGNORE_INDEX = -100
-
-
-@dataclass
-class DistillationLoss:
-    """The loss and its parts, each averaged over the tokens (or examples) that count."""
-
-    loss: torch.Tensor
-    ce: torch.Tensor
-    kd: torch.Tensor
-    hidden: torch.Tensor
 
 
 def _flatten_for_causal_lm(

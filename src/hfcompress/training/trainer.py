@@ -8,11 +8,9 @@ import torch
 from torch import nn
 from transformers import Trainer
 
-from hfcompress.training.arguments import parse_layer_map
+from hfcompress.training.arguments import DistillationArguments, parse_layer_map
 from hfcompress.training.callbacks import CompressionLoggingCallback
 from hfcompress.training.losses import distillation_loss, hidden_state_loss
-
-_DEFAULTS = {"alpha": 0.5, "temperature": 2.0, "hidden_weight": 0.0, "layer_map": None}
 
 
 class DistillationTrainer(Trainer):
@@ -48,7 +46,10 @@ class DistillationTrainer(Trainer):
         _compression_logging_first(self)
 
     def _setting(self, name: str) -> Any:
-        return getattr(self.args, name, _DEFAULTS[name])
+        # plain TrainingArguments: DistillationArguments' own defaults (one place for them)
+        if hasattr(self.args, name):
+            return getattr(self.args, name)
+        return DistillationArguments.__dataclass_fields__[name].default
 
     def _teacher_outputs(self, inputs: dict[str, Any], device: torch.device, hidden: bool) -> Any:
         teacher = self.teacher
