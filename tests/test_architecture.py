@@ -23,6 +23,7 @@ ORDER = [
     "surgery",
     "planner",
     "serialization",
+    "inference",
     "training",
     "evaluation",
     "analysis",

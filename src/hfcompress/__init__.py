@@ -6,6 +6,7 @@ so ``AutoModel*.from_pretrained`` rebuilds compressed checkpoints.
 
 from hfcompress._version import __version__
 from hfcompress.errors import HfCompressError, InvalidParameterError, UnsupportedModuleError
+from hfcompress.inference import freeze, model_bytes, unfreeze
 from hfcompress.layers import CompressedLayer, KroneckerLinear, LowRankLinear, PrunedLinear
 from hfcompress.recipe import Recipe, RecipeError
 from hfcompress.serialization import CheckpointError, HfCompressConfig, decompress
@@ -32,6 +33,9 @@ __all__ = [
     "__version__",
     "compress_model",
     "decompress",
+    "freeze",
+    "model_bytes",
     "plan_compression",
     "record_compression",
+    "unfreeze",
 ]

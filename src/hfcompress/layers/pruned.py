@@ -22,7 +22,7 @@ from hfcompress.decompose.masks import (
     parse_nm_pattern,
     unpack_bitmask,
 )
-from hfcompress.errors import InvalidParameterError
+from hfcompress.errors import HfCompressError, InvalidParameterError
 from hfcompress.layers.base import (
     CompressedLayer,
     SourceKind,
@@ -133,6 +133,11 @@ def _accept_compact_weights(
     state_dict[prefix + "mask"] = mask
 
 
+def _zero_masked_after_load(module: PrunedLinear, incompatible_keys: object) -> None:
+    with torch.no_grad():
+        module.apply_mask_()
+
+
 @register_layer("prune")
 class PrunedLinear(CompressedLayer):
     """y = x·(W ⊙ M)ᵀ + b with W: [out, in] and a boolean mask M: [out, in].
@@ -172,6 +177,8 @@ class PrunedLinear(CompressedLayer):
             "mask", torch.ones(out_features, in_features, dtype=torch.bool, device=device)
         )
         self.register_load_state_dict_pre_hook(_accept_compact_weights)
+        # keep the invariant the no-grad forward relies on: masked weights are exact zeros
+        self.register_load_state_dict_post_hook(_zero_masked_after_load)
 
     @classmethod
     def from_module(
@@ -255,8 +262,52 @@ class PrunedLinear(CompressedLayer):
             dtype=dtype,
         )
 
+    frozen: bool = False  # set by freeze_(): no mask in memory, inference only
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.frozen:
+            if self.training and torch.is_grad_enabled():
+                raise HfCompressError(
+                    "PrunedLinear: this layer is frozen for inference (hfcompress.freeze) and "
+                    "holds no mask to keep its zeros; call hfcompress.unfreeze(model) to train"
+                )
+            return F.linear(x, self.weight, self.bias)
+        if not (torch.is_grad_enabled() and self.weight.requires_grad):
+            # Masked weights are stored as exact zeros (from_weight zeroes them, they get zero
+            # gradient, apply_mask_ re-zeroes them): without autograd, W ⊙ M is W itself.
+            return F.linear(x, self.weight, self.bias)
         return F.linear(x, self.weight * self.mask, self.bias)
+
+    def __getattr__(self, name: str) -> object:
+        # A frozen layer's mask is its non-zero pattern, computed on the rare read (reports,
+        # saving); it is never resident.
+        if name == "mask" and self.__dict__.get("frozen", False):
+            return self.weight.detach() != 0
+        return super().__getattr__(name)
+
+    @torch.no_grad()
+    def freeze_(self) -> None:
+        """Drop the mask from memory and stop the weight's gradient: the inference form.
+
+        The zeros of the weight are the mask (a kept weight that is exactly 0 is then counted as
+        pruned, which changes no output). ``unfreeze_`` restores the trainable form.
+        """
+        if self.frozen:
+            return
+        self.apply_mask_()
+        del self._buffers["mask"]
+        self.frozen = True
+        self.weight.requires_grad_(False)
+
+    @torch.no_grad()
+    def unfreeze_(self) -> None:
+        """The trainable form again: the mask buffer is rebuilt from the weight's non-zeros."""
+        if not self.frozen:
+            return
+        mask = self.weight != 0
+        self.frozen = False
+        self.register_buffer("mask", mask)
+        self.weight.requires_grad_(True)
 
     @torch.no_grad()
     def apply_mask_(self) -> None:
@@ -290,7 +341,7 @@ class PrunedLinear(CompressedLayer):
         self.apply_mask_()
 
     def dense_weight(self) -> torch.Tensor:
-        return self.weight * self.mask
+        return self.weight if self.frozen else self.weight * self.mask
 
     def dense_bias(self) -> torch.Tensor | None:
         return self.bias
