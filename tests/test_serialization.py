@@ -360,3 +360,53 @@ def test_load_state_dict_accepts_on_disk_form_and_follows_saved_rank():
     assert fresh.model.layers[0].mlp.up_proj.rank == 8
     inputs = tiny_inputs("llama", saved)
     assert torch.equal(model_output(fresh, inputs), model_output(saved, inputs))
+
+
+def _every_layer_kind() -> dict[str, CompressedLayer]:
+    """One layer of each kind, low-rank with plain and with pruned factors."""
+    from torch import nn
+
+    from hfcompress.layers import KroneckerLinear
+
+    torch.manual_seed(0)
+    dense = nn.Linear(16, 8)
+    factored = LowRankLinear.from_module(nn.Linear(16, 8), rank=4)
+    factored.u = PrunedLinear.from_module(factored.u, sparsity=0.5)
+    factored.v = PrunedLinear.from_module(factored.v, pattern="2:4")
+    return {
+        "prune": PrunedLinear.from_module(dense, sparsity=0.5),
+        "prune 2:4": PrunedLinear.from_module(dense, pattern="2:4"),
+        "lowrank": LowRankLinear.from_module(dense, rank=4),
+        "lowrank+prune": factored,
+        "kronecker": KroneckerLinear.from_module(dense, a_shape=(2, 4), terms=2),
+    }
+
+
+def test_accepted_spec_fields_are_what_the_layers_write():
+    """The loader's field table is exactly what each layer's to_spec writes, and accepts it."""
+    from hfcompress.layers import registered_methods
+    from hfcompress.serialization import SPEC_FIELDS, check_spec
+
+    assert set(SPEC_FIELDS) == set(registered_methods()) | {"dense"}
+    written: dict[str, set[str]] = {}
+    for layer in _every_layer_kind().values():
+        spec = layer.to_spec()
+        check_spec(spec, "test")
+        written.setdefault(spec["method"], set()).update(spec)
+        for factor in spec.get("factors", {}).values():
+            written.setdefault(factor["method"], set()).update(factor)
+    assert written == {method: req | opt for method, (req, opt) in SPEC_FIELDS.items()}
+
+
+def test_bias_edited_out_of_config_is_an_error_not_a_silent_drop(tmp_path):
+    """The reported defect: ``bias: false`` loaded without the bias, logging only UNEXPECTED."""
+    compressed("gpt2", tmp_path)
+    _edit_config(
+        tmp_path, lambda q: q["modules"]["transformer.h.0.attn.c_attn"].update({"bias": False})
+    )
+    with pytest.raises(
+        CheckpointError,
+        match=r"tensor 'transformer\.h\.0\.attn\.c_attn\.bias' is not accounted for by "
+        r"quantization_config\.modules\['transformer\.h\.0\.attn\.c_attn'\].*field 'bias'",
+    ):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
