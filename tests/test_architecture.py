@@ -20,6 +20,8 @@ ORDER = [
     "recipe",
     "layers",
     "calibration",
+    "report",
+    "validation",
     "surgery",
     "planner",
     "serialization",

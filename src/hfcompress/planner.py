@@ -44,7 +44,7 @@ from hfcompress.errors import InvalidParameterError
 from hfcompress.layers import dense_weight_of
 from hfcompress.matching import select
 from hfcompress.recipe import Recipe
-from hfcompress.surgery import compressible_modules, tied_modules
+from hfcompress.validation import compressible_modules, tied_modules
 
 _DAMP = 1e-6
 

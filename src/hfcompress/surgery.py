@@ -1,23 +1,18 @@
 """``compress_model``: validate a recipe against a model, then swap its modules.
 
-Two phases. *Planning* walks the recipe over a description of the model's modules (shapes, and
-what each earlier stage would have made of them) and checks every setting: targets that match,
-shapes that divide, ranks that fit, compositions that exist. Nothing is touched until the whole
-recipe passes. *Applying* builds each new module from the current one (weights are copied, never
-shared) and swaps it in; if anything fails midway, every swap is undone, so the model is left
-exactly as it was.
+Two phases. *Planning* (``hfcompress.validation.plan_compression``) checks the whole recipe
+against the model; nothing is touched until it passes. *Applying* (here) builds each new module
+from the current one (weights are copied, never shared) and swaps it in; if anything fails
+midway, Ctrl-C included, every swap is undone, so the model is left exactly as it was. The
+report is ``hfcompress.report.CompressionReport``.
 """
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from rich.console import Console
-from rich.table import Table
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -34,19 +29,39 @@ from hfcompress.calibration import (
     output_gradient_energy,
     run_layerwise,
 )
-from hfcompress.errors import HfCompressError, InvalidParameterError
+from hfcompress.errors import HfCompressError
 from hfcompress.layers import (
     CompressedLayer,
-    KroneckerLinear,
     LowRankLinear,
     PrunedLinear,
     dense_weight_of,
     get_layer_class,
     module_spec,
-    source_kind,
 )
-from hfcompress.matching import fullmatch, select
-from hfcompress.recipe import GRAM_CRITERIA, Recipe, RecipeError, Stage
+from hfcompress.recipe import GRAM_CRITERIA, Recipe
+from hfcompress.report import CompressionReport, ModuleReport
+from hfcompress.validation import (
+    SUPPORTED_COMPOSITIONS,
+    _Op,
+    compressible_modules,
+    plan_compression,
+    tied_modules,
+)
+
+__all__ = [
+    "QUANT_METHOD",
+    "SPEC_FORMAT_VERSION",
+    "SUPPORTED_COMPOSITIONS",
+    "CompressionReport",
+    "ModuleReport",
+    "compress_model",
+    "compressible_modules",
+    "compression_spec",
+    "plan_compression",
+    "record_compression",
+    "register_record_hook",
+    "tied_modules",
+]
 
 SPEC_FORMAT_VERSION = 1
 QUANT_METHOD = "hfcompress"
@@ -60,329 +75,6 @@ def register_record_hook(hook: Callable[[nn.Module], None]) -> None:
     """Run ``hook(model)`` whenever a model's compression is recorded in its config."""
     if hook not in _RECORD_HOOKS:
         _RECORD_HOOKS.append(hook)
-
-
-# What a stage may act on: a dense module, or the layer an earlier stage made. A low-rank layer
-# is pruned through its factors U and V; other compositions are refused at validation.
-SUPPORTED_COMPOSITIONS = {
-    ("dense", "prune"),
-    ("dense", "lowrank"),
-    ("dense", "kronecker"),
-    ("lowrank", "prune"),
-}
-
-
-@dataclass
-class _Virtual:
-    """What a module would be at some point of the recipe: its kind and dense shape."""
-
-    kind: str  # "dense" or a layer method
-    out_features: int
-    in_features: int
-    rank: int | None = None  # for a low-rank layer, when known before the SVD
-    factors_pruned: bool = False
-
-
-@dataclass
-class _Op:
-    stage_index: int
-    stage: Stage  # with the module's overrides applied
-    module_name: str
-    acts_on: str  # the kind of module the stage meets
-
-
-@dataclass
-class ModuleReport:
-    """One compressed module in a :class:`CompressionReport`."""
-
-    name: str
-    methods: list[str]
-    shape: tuple[int, int]  # [out, in]
-    source: str
-    params_before: int
-    params_after: int  # parameters that can be non-zero
-    settings: dict[str, Any]
-    rel_error: float | None  # ‖W − Ŵ‖_F / ‖W‖_F against the weight before the recipe
-    output_error: float | None = None  # ‖(W − Ŵ)X‖_F / ‖WX‖_F on calibration inputs, if known
-
-
-@dataclass
-class CompressionReport:
-    """What ``compress_model`` did (or, for a dry run, would do); ``print(report)`` shows it."""
-
-    modules: list[ModuleReport] = field(default_factory=list)
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # (module, reason)
-    dry_run: bool = False
-    model_params_before: int = 0
-    model_params_after: int = 0
-
-    @property
-    def params_before(self) -> int:
-        """Parameters of the compressed modules before the recipe."""
-        return sum(m.params_before for m in self.modules)
-
-    @property
-    def params_after(self) -> int:
-        """Non-zero-able parameters of the compressed modules after the recipe."""
-        return sum(m.params_after for m in self.modules)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "dry_run": self.dry_run,
-            "modules": [vars(m) | {"shape": list(m.shape)} for m in self.modules],
-            "skipped": [{"module": n, "reason": r} for n, r in self.skipped],
-            "params_before": self.params_before,
-            "params_after": self.params_after,
-            "model_params_before": self.model_params_before,
-            "model_params_after": self.model_params_after,
-        }
-
-    def table(self) -> Table:
-        title = "hfcompress: " + ("dry run, nothing changed" if self.dry_run else "compressed")
-        table = Table(title=title)
-        for col in ["module", "method", "W [out, in]", "params before", "params after", "setting"]:
-            table.add_column(col, justify="right" if "params" in col else "left")
-        table.add_column("rel. error", justify="right")
-        with_output = any(m.output_error is not None for m in self.modules)
-        if with_output:
-            table.add_column("output error", justify="right")
-        for m in self.modules:
-            setting = ", ".join(f"{k}={v}" for k, v in m.settings.items())
-            row = [
-                m.name,
-                "+".join(m.methods),
-                f"[{m.shape[0]}, {m.shape[1]}]",
-                f"{m.params_before:,}",
-                f"{m.params_after:,}",
-                setting,
-                _fmt_error(m.rel_error),
-            ]
-            table.add_row(*row, *([_fmt_error(m.output_error)] if with_output else []))
-        ratio = self.params_before / max(self.params_after, 1)
-        caption = [
-            f"{len(self.modules)} modules: {self.params_before:,} → {self.params_after:,} "
-            f"parameters ({ratio:.2f}x)"
-        ]
-        if self.model_params_before:
-            caption.append(
-                f"whole model: {self.model_params_before:,} → {self.model_params_after:,} "
-                f"({self.model_params_before / max(self.model_params_after, 1):.2f}x)"
-            )
-        caption += [f"skipped {name}: {reason}" for name, reason in self.skipped]
-        table.caption = "\n".join(caption)
-        return table
-
-    def __str__(self) -> str:
-        console = Console(width=160, record=True, file=io.StringIO())
-        console.print(self.table())
-        return console.export_text()
-
-
-def _fmt_error(error: float | None) -> str:
-    return "-" if error is None else f"{error:.4f}"
-
-
-def _is_dense(module: nn.Module) -> bool:
-    try:
-        source_kind(module)
-    except HfCompressError:
-        return False
-    return True
-
-
-def _virtual_of(module: nn.Module) -> _Virtual | None:
-    if isinstance(module, CompressedLayer):
-        rank = module.rank if isinstance(module, LowRankLinear) else None
-        pruned = isinstance(module, LowRankLinear) and isinstance(module.u, PrunedLinear)
-        return _Virtual(module.method, module.out_features, module.in_features, rank, pruned)
-    if _is_dense(module):
-        W = dense_weight_of(module)
-        return _Virtual("dense", W.shape[0], W.shape[1])
-    return None
-
-
-def compressible_modules(model: nn.Module) -> list[str]:
-    """Names of the modules a recipe can target: Linear/Conv1D and compressed layers (not their
-    insides), in ``named_modules`` order. Tied ones are included; see :func:`tied_modules`."""
-    return list(_units(model))
-
-
-def _units(model: nn.Module) -> dict[str, _Virtual]:
-    """Modules a stage may act on: Linear/Conv1D and compressed layers (not their insides)."""
-    units: dict[str, _Virtual] = {}
-    inside: list[str] = []
-    for name, module in model.named_modules():
-        if any(name.startswith(prefix + ".") for prefix in inside):
-            continue
-        virtual = _virtual_of(module)
-        if virtual is not None:
-            units[name] = virtual
-            inside.append(name)
-    return units
-
-
-def tied_modules(model: nn.Module) -> dict[str, str]:
-    """Module name -> the module its weight is shared with (e.g. lm_head -> embed_tokens)."""
-    owners: dict[int, list[str]] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        # Only a registered parameter can be shared: a computed ``weight`` (LowRankLinear's U·V)
-        # is a fresh tensor on every read, and ids of freed temporaries are reused.
-        weight = module._parameters.get("weight")
-        if weight is not None:
-            owners.setdefault(id(weight), []).append(name)
-    tied: dict[str, str] = {}
-    for names in owners.values():
-        for name in names:
-            others = [n for n in names if n != name]
-            if others:
-                tied[name] = others[0]
-    return tied
-
-
-def _excluded(name: str, recipe: Recipe, stage: Stage) -> bool:
-    return any(
-        pattern is not None and fullmatch(pattern, name, "exclude")
-        for pattern in (recipe.exclude, stage.exclude)
-    )
-
-
-def _check_op(op: _Op, virtual: _Virtual) -> _Virtual:
-    """Validate one stage on one module against its shape; return what the module becomes.
-
-    Structural checks reuse the layers' own constructors on the meta device, so a recipe is
-    held to exactly the rules the layers enforce.
-    """
-    method = op.stage.method
-    if (virtual.kind, method) not in SUPPORTED_COMPOSITIONS or virtual.factors_pruned:
-        before = "low-rank with pruned factors" if virtual.factors_pruned else virtual.kind
-        raise InvalidParameterError(
-            f"method: {method!r} after {before!r} is not supported; supported: "
-            "prune, lowrank or kronecker on a dense Linear/Conv1D, and prune after lowrank "
-            "(prunes the factors U and V)"
-        )
-    params = op.stage.layer_params()
-    out_f, in_f = virtual.out_features, virtual.in_features
-    if method == "kronecker":
-        KroneckerLinear(in_f, out_f, params["a_shape"], params["terms"], device="meta")
-        return _Virtual("kronecker", out_f, in_f)
-    if method == "lowrank":
-        rank = params.get("rank")
-        if rank is not None:
-            LowRankLinear(in_f, out_f, rank, device="meta")
-        elif "ratio" in params:
-            rank = max(1, min(int(params["ratio"] * out_f * in_f / (out_f + in_f)), out_f, in_f))
-        return _Virtual("lowrank", out_f, in_f, rank)
-    prune = {"pattern": params["pattern"], "sparsity": params["sparsity"]}
-    if virtual.kind == "lowrank":
-        if virtual.rank is None:
-            # energy-chosen rank: only N:M divisibility of the rank is unknown until the SVD
-            PrunedLinear(in_f, 1, **prune, device="meta")
-        else:
-            PrunedLinear(virtual.rank, out_f, **prune, device="meta")  # U: [out, r]
-            PrunedLinear(in_f, virtual.rank, **prune, device="meta")  # V: [r, in]
-        return _Virtual("lowrank", out_f, in_f, virtual.rank, factors_pruned=True)
-    PrunedLinear(in_f, out_f, **prune, device="meta")
-    return _Virtual("prune", out_f, in_f)
-
-
-def plan_compression(
-    model: nn.Module, recipe: Recipe | dict | str, *, calibrated: bool = False
-) -> tuple[list[_Op], list[tuple[str, str]]]:
-    """Validate the whole recipe against the model without changing it.
-
-    Args:
-        model: the model.
-        recipe: the recipe (dict, :class:`Recipe` or path).
-        calibrated: whether calibration data will be given; criteria that need it are refused
-            otherwise.
-
-    Returns:
-        The operations in order, and the (module, reason) pairs skipped (tied weights).
-
-    Raises:
-        RecipeError: every problem found, each naming the stage, the module and the field.
-    """
-    recipe = Recipe.load(recipe)
-    units = _units(model)
-    tied = tied_modules(model)
-    ops: list[_Op] = []
-    skipped: dict[str, str] = {}
-    errors: list[str] = []
-    for index, stage in enumerate(recipe.stages):
-        where = f"stages[{index}]({stage.method})"
-        targeted = select(stage.targets, units, f"{where}.targets")
-        matched = [n for n in targeted if not _excluded(n, recipe, stage)]
-        eligible = []
-        for name in matched:
-            if name in tied:
-                skipped[name] = (
-                    f"weight tied to {tied[name]}; compressing it would untie them "
-                    "(exclude it, or untie the weights first)"
-                )
-            else:
-                eligible.append(name)
-        if not eligible:
-            errors.append(_no_match_message(where, stage.targets, units, targeted, matched))
-            continue
-        for name in eligible:
-            op = _Op(index, stage.settings_for(name), name, units[name].kind)
-            try:
-                _check_criterion(op, calibrated)
-                units[name] = _check_op(op, units[name])
-            except (InvalidParameterError, RecipeError) as error:
-                errors.append(f"{where}, module {name!r}: {error}")
-                continue
-            ops.append(op)
-    errors += _check_layer_stack(model, ops)
-    if errors:
-        shown = errors[:20] + ([f"... and {len(errors) - 20} more"] if len(errors) > 20 else [])
-        raise RecipeError("recipe does not fit the model:\n  " + "\n  ".join(shown))
-    return ops, list(skipped.items())
-
-
-def _check_criterion(op: _Op, calibrated: bool) -> None:
-    stage = op.stage
-    if not stage.needs_calibration:
-        return
-    if not calibrated:
-        raise RecipeError(
-            f"criterion: {stage.criterion_name!r} needs calibration data; pass "
-            "compress_model(model, recipe, calibration=...) or use a data-free criterion"
-        )
-    if op.acts_on != "dense":
-        raise RecipeError(
-            f"criterion: {stage.criterion_name!r} acts on a dense Linear/Conv1D; after "
-            f"{op.acts_on!r} only the data-free criterion is supported"
-        )
-
-
-def _check_layer_stack(model: nn.Module, ops: list[_Op]) -> list[str]:
-    names = sorted({op.module_name for op in ops if op.stage.needs_calibration})
-    if not names:
-        return []
-    try:
-        layer_stack(model, names)
-    except HfCompressError as error:
-        return [f"criterion: {error}"]
-    return []
-
-
-def _no_match_message(
-    where: str, targets: str, units: dict[str, _Virtual], targeted: list[str], matched: list[str]
-) -> str:
-    if matched:
-        return f"{where}.targets: {targets!r} matches only tied modules {matched}"
-    if targeted:
-        few = targeted[:4] + (["..."] if len(targeted) > 4 else [])
-        return (
-            f"{where}.targets: {targets!r} matches {len(targeted)} modules, all excluded by "
-            f"`exclude` (the recipe's or the stage's), e.g. {few}"
-        )
-    examples = list(units)[:6]
-    return (
-        f"{where}.targets: {targets!r} fully matches no Linear/Conv1D or compressed module "
-        f"(re.fullmatch on qualified names); eligible modules look like {examples}"
-    )
 
 
 def _build(op: _Op, current: nn.Module) -> nn.Module:

@@ -39,7 +39,7 @@ from hfcompress.decompose import kronecker_error, kronecker_shapes, magnitude_ma
 from hfcompress.errors import InvalidParameterError
 from hfcompress.layers import dense_weight_of
 from hfcompress.matching import check_pattern, select
-from hfcompress.surgery import compressible_modules, tied_modules
+from hfcompress.validation import compressible_modules, tied_modules
 
 Method = Literal["lowrank", "prune", "kronecker"]
 METHODS: tuple[Method, ...] = ("lowrank", "prune", "kronecker")

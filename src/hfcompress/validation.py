@@ -1,0 +1,257 @@
+"""Validation of a recipe against a model, before anything changes (``plan_compression``).
+
+The recipe is walked over a description of the model's modules (shapes, and what each earlier
+stage would have made of them); every setting is checked: targets that match, shapes that
+divide, ranks that fit, compositions that exist. Structural checks reuse the layers' own
+constructors on the meta device, so a recipe is held to exactly the rules the layers enforce.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from hfcompress.calibration import layer_stack
+from hfcompress.errors import HfCompressError, InvalidParameterError
+from hfcompress.layers import (
+    CompressedLayer,
+    KroneckerLinear,
+    LowRankLinear,
+    PrunedLinear,
+    dense_weight_of,
+    source_kind,
+)
+from hfcompress.matching import fullmatch, select
+from hfcompress.recipe import Recipe, RecipeError, Stage
+
+# What a stage may act on: a dense module, or the layer an earlier stage made. A low-rank layer
+# is pruned through its factors U and V; other compositions are refused at validation.
+SUPPORTED_COMPOSITIONS = {
+    ("dense", "prune"),
+    ("dense", "lowrank"),
+    ("dense", "kronecker"),
+    ("lowrank", "prune"),
+}
+
+
+@dataclass
+class _Virtual:
+    """What a module would be at some point of the recipe: its kind and dense shape."""
+
+    kind: str  # "dense" or a layer method
+    out_features: int
+    in_features: int
+    rank: int | None = None  # for a low-rank layer, when known before the SVD
+    factors_pruned: bool = False
+
+
+@dataclass
+class _Op:
+    stage_index: int
+    stage: Stage  # with the module's overrides applied
+    module_name: str
+    acts_on: str  # the kind of module the stage meets
+
+
+def _is_dense(module: nn.Module) -> bool:
+    try:
+        source_kind(module)
+    except HfCompressError:
+        return False
+    return True
+
+
+def _virtual_of(module: nn.Module) -> _Virtual | None:
+    if isinstance(module, CompressedLayer):
+        rank = module.rank if isinstance(module, LowRankLinear) else None
+        pruned = isinstance(module, LowRankLinear) and isinstance(module.u, PrunedLinear)
+        return _Virtual(module.method, module.out_features, module.in_features, rank, pruned)
+    if _is_dense(module):
+        W = dense_weight_of(module)
+        return _Virtual("dense", W.shape[0], W.shape[1])
+    return None
+
+
+def compressible_modules(model: nn.Module) -> list[str]:
+    """Names of the modules a recipe can target: Linear/Conv1D and compressed layers (not their
+    insides), in ``named_modules`` order. Tied ones are included; see :func:`tied_modules`."""
+    return list(_units(model))
+
+
+def _units(model: nn.Module) -> dict[str, _Virtual]:
+    """Modules a stage may act on: Linear/Conv1D and compressed layers (not their insides)."""
+    units: dict[str, _Virtual] = {}
+    inside: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix + ".") for prefix in inside):
+            continue
+        virtual = _virtual_of(module)
+        if virtual is not None:
+            units[name] = virtual
+            inside.append(name)
+    return units
+
+
+def tied_modules(model: nn.Module) -> dict[str, str]:
+    """Module name -> the module its weight is shared with (e.g. lm_head -> embed_tokens)."""
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        # Only a registered parameter can be shared: a computed ``weight`` (LowRankLinear's U·V)
+        # is a fresh tensor on every read, and ids of freed temporaries are reused.
+        weight = module._parameters.get("weight")
+        if weight is not None:
+            owners.setdefault(id(weight), []).append(name)
+    tied: dict[str, str] = {}
+    for names in owners.values():
+        for name in names:
+            others = [n for n in names if n != name]
+            if others:
+                tied[name] = others[0]
+    return tied
+
+
+def _excluded(name: str, recipe: Recipe, stage: Stage) -> bool:
+    return any(
+        pattern is not None and fullmatch(pattern, name, "exclude")
+        for pattern in (recipe.exclude, stage.exclude)
+    )
+
+
+def _check_op(op: _Op, virtual: _Virtual) -> _Virtual:
+    """Validate one stage on one module against its shape; return what the module becomes.
+
+    Structural checks reuse the layers' own constructors on the meta device, so a recipe is
+    held to exactly the rules the layers enforce.
+    """
+    method = op.stage.method
+    if (virtual.kind, method) not in SUPPORTED_COMPOSITIONS or virtual.factors_pruned:
+        before = "low-rank with pruned factors" if virtual.factors_pruned else virtual.kind
+        raise InvalidParameterError(
+            f"method: {method!r} after {before!r} is not supported; supported: "
+            "prune, lowrank or kronecker on a dense Linear/Conv1D, and prune after lowrank "
+            "(prunes the factors U and V)"
+        )
+    params = op.stage.layer_params()
+    out_f, in_f = virtual.out_features, virtual.in_features
+    if method == "kronecker":
+        KroneckerLinear(in_f, out_f, params["a_shape"], params["terms"], device="meta")
+        return _Virtual("kronecker", out_f, in_f)
+    if method == "lowrank":
+        rank = params.get("rank")
+        if rank is not None:
+            LowRankLinear(in_f, out_f, rank, device="meta")
+        elif "ratio" in params:
+            rank = max(1, min(int(params["ratio"] * out_f * in_f / (out_f + in_f)), out_f, in_f))
+        return _Virtual("lowrank", out_f, in_f, rank)
+    prune = {"pattern": params["pattern"], "sparsity": params["sparsity"]}
+    if virtual.kind == "lowrank":
+        if virtual.rank is None:
+            # energy-chosen rank: only N:M divisibility of the rank is unknown until the SVD
+            PrunedLinear(in_f, 1, **prune, device="meta")
+        else:
+            PrunedLinear(virtual.rank, out_f, **prune, device="meta")  # U: [out, r]
+            PrunedLinear(in_f, virtual.rank, **prune, device="meta")  # V: [r, in]
+        return _Virtual("lowrank", out_f, in_f, virtual.rank, factors_pruned=True)
+    PrunedLinear(in_f, out_f, **prune, device="meta")
+    return _Virtual("prune", out_f, in_f)
+
+
+def plan_compression(
+    model: nn.Module, recipe: Recipe | dict | str, *, calibrated: bool = False
+) -> tuple[list[_Op], list[tuple[str, str]]]:
+    """Validate the whole recipe against the model without changing it.
+
+    Args:
+        model: the model.
+        recipe: the recipe (dict, :class:`Recipe` or path).
+        calibrated: whether calibration data will be given; criteria that need it are refused
+            otherwise.
+
+    Returns:
+        The operations in order, and the (module, reason) pairs skipped (tied weights).
+
+    Raises:
+        RecipeError: every problem found, each naming the stage, the module and the field.
+    """
+    recipe = Recipe.load(recipe)
+    units = _units(model)
+    tied = tied_modules(model)
+    ops: list[_Op] = []
+    skipped: dict[str, str] = {}
+    errors: list[str] = []
+    for index, stage in enumerate(recipe.stages):
+        where = f"stages[{index}]({stage.method})"
+        targeted = select(stage.targets, units, f"{where}.targets")
+        matched = [n for n in targeted if not _excluded(n, recipe, stage)]
+        eligible = []
+        for name in matched:
+            if name in tied:
+                skipped[name] = (
+                    f"weight tied to {tied[name]}; compressing it would untie them "
+                    "(exclude it, or untie the weights first)"
+                )
+            else:
+                eligible.append(name)
+        if not eligible:
+            errors.append(_no_match_message(where, stage.targets, units, targeted, matched))
+            continue
+        for name in eligible:
+            op = _Op(index, stage.settings_for(name), name, units[name].kind)
+            try:
+                _check_criterion(op, calibrated)
+                units[name] = _check_op(op, units[name])
+            except (InvalidParameterError, RecipeError) as error:
+                errors.append(f"{where}, module {name!r}: {error}")
+                continue
+            ops.append(op)
+    errors += _check_layer_stack(model, ops)
+    if errors:
+        shown = errors[:20] + ([f"... and {len(errors) - 20} more"] if len(errors) > 20 else [])
+        raise RecipeError("recipe does not fit the model:\n  " + "\n  ".join(shown))
+    return ops, list(skipped.items())
+
+
+def _check_criterion(op: _Op, calibrated: bool) -> None:
+    stage = op.stage
+    if not stage.needs_calibration:
+        return
+    if not calibrated:
+        raise RecipeError(
+            f"criterion: {stage.criterion_name!r} needs calibration data; pass "
+            "compress_model(model, recipe, calibration=...) or use a data-free criterion"
+        )
+    if op.acts_on != "dense":
+        raise RecipeError(
+            f"criterion: {stage.criterion_name!r} acts on a dense Linear/Conv1D; after "
+            f"{op.acts_on!r} only the data-free criterion is supported"
+        )
+
+
+def _check_layer_stack(model: nn.Module, ops: list[_Op]) -> list[str]:
+    names = sorted({op.module_name for op in ops if op.stage.needs_calibration})
+    if not names:
+        return []
+    try:
+        layer_stack(model, names)
+    except HfCompressError as error:
+        return [f"criterion: {error}"]
+    return []
+
+
+def _no_match_message(
+    where: str, targets: str, units: dict[str, _Virtual], targeted: list[str], matched: list[str]
+) -> str:
+    if matched:
+        return f"{where}.targets: {targets!r} matches only tied modules {matched}"
+    if targeted:
+        few = targeted[:4] + (["..."] if len(targeted) > 4 else [])
+        return (
+            f"{where}.targets: {targets!r} matches {len(targeted)} modules, all excluded by "
+            f"`exclude` (the recipe's or the stage's), e.g. {few}"
+        )
+    examples = list(units)[:6]
+    return (
+        f"{where}.targets: {targets!r} fully matches no Linear/Conv1D or compressed module "
+        f"(re.fullmatch on qualified names); eligible modules look like {examples}"
+    )
