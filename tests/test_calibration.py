@@ -225,7 +225,7 @@ def test_missing_calibration_and_unsupported_cases_are_refused_before_any_change
     stage = {"method": "prune", "targets": BLOCK_LINEARS, "sparsity": 0.5, "criterion": "wanda"}
     with pytest.raises(
         RecipeError,
-        match=r"stages\[0\]\(prune\), module .*criterion: 'wanda' needs calibration data",
+        match=r"stages\[0\]\(prune\), 14 modules .*criterion: 'wanda' needs calibration data",
     ):
         compress_model(model, {"stages": [stage]})
     composed = {

@@ -311,3 +311,18 @@ def test_report_table_shows_the_output_error_when_computed():
         progress=False,
     )
     assert "output error" not in str(data_free)
+
+
+def test_a_problem_shared_by_many_modules_is_said_once():
+    model = tiny_model("llama")
+    recipe = {
+        "stages": [
+            {"method": "prune", "targets": BLOCK_LINEARS, "sparsity": 0.5, "criterion": "sparsegpt"}
+        ]
+    }
+    n = sum(1 for n, m in model.named_modules() if ".layers." in n and isinstance(m, nn.Linear))
+    with pytest.raises(RecipeError) as info:
+        compress_model(model, recipe)  # no calibration data
+    message = str(info.value)
+    assert message.count("needs calibration data") == 1, message
+    assert f"stages[0](prune), {n} modules ('model.layers.0.self_attn.q_proj'," in message

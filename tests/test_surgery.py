@@ -172,11 +172,11 @@ def test_dry_run_changes_nothing_and_reports_the_same(arch):
         ),
         (
             {"method": "lowrank", "targets": ATTENTION, "rank": 40},
-            r"stages\[1\]\(lowrank\), module '.*k_proj': rank=40: expected an integer in \[1, min\(out, in\)\] = \[1, 32\]",
+            r"stages\[1\]\(lowrank\), 4 modules \('model\.layers\.0\.self_attn\.k_proj', .*\): rank=40: expected an integer in \[1, min\(out, in\)\] = \[1, 32\]",
         ),
         (
             {"method": "kronecker", "targets": ATTENTION, "a_shape": [6, 8]},
-            r"module 'model\.layers\.0\.self_attn\.q_proj': a_shape=\(6, 8\): expected",
+            r"4 modules \('model\.layers\.0\.self_attn\.q_proj', .*\): a_shape=\(6, 8\): expected",
         ),
         (
             {"method": "kronecker", "targets": ATTENTION, "a_shape": [8, 8], "terms": 100},

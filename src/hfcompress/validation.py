@@ -180,6 +180,7 @@ def plan_compression(
     ops: list[_Op] = []
     skipped: dict[str, str] = {}
     errors: list[str] = []
+    per_module: dict[tuple[str, str], list[str]] = {}  # (stage, message) -> modules
     for index, stage in enumerate(recipe.stages):
         where = f"stages[{index}]({stage.method})"
         targeted = select(stage.targets, units, f"{where}.targets")
@@ -202,14 +203,23 @@ def plan_compression(
                 _check_criterion(op, calibrated)
                 units[name] = _check_op(op, units[name])
             except (InvalidParameterError, RecipeError) as error:
-                errors.append(f"{where}, module {name!r}: {error}")
+                per_module.setdefault((where, str(error)), []).append(name)
                 continue
             ops.append(op)
+    errors += [_module_message(w, m, names) for (w, m), names in per_module.items()]
     errors += _check_layer_stack(model, ops)
     if errors:
         shown = errors[:20] + ([f"... and {len(errors) - 20} more"] if len(errors) > 20 else [])
         raise RecipeError("recipe does not fit the model:\n  " + "\n  ".join(shown))
     return ops, list(skipped.items())
+
+
+def _module_message(where: str, message: str, names: list[str]) -> str:
+    """One line for a problem, however many modules of the stage share it."""
+    if len(names) == 1:
+        return f"{where}, module {names[0]!r}: {message}"
+    few = ", ".join(repr(n) for n in names[:3]) + (", ..." if len(names) > 3 else "")
+    return f"{where}, {len(names)} modules ({few}): {message}"
 
 
 def _check_criterion(op: _Op, calibrated: bool) -> None:
