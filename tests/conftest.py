@@ -184,3 +184,22 @@ def model_output(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Ten
 @pytest.fixture(params=list(TINY_MODELS))
 def arch(request: pytest.FixtureRequest) -> str:
     return request.param
+
+
+def snapshot(model: nn.Module) -> dict:
+    """Everything ``assert_unchanged`` compares: state, module types, config."""
+    return {
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+        "types": {n: type(m) for n, m in model.named_modules()},
+        "config": model.config.to_dict(),
+    }
+
+
+def assert_unchanged(model: nn.Module, before: dict) -> None:
+    """The model is exactly as ``snapshot`` saw it, and carries no hfcompress structure."""
+    assert {n: type(m) for n, m in model.named_modules()} == before["types"]
+    state = model.state_dict()
+    assert state.keys() == before["state"].keys()
+    for key, value in state.items():
+        assert torch.equal(value, before["state"][key]), key
+    assert model.config.to_dict() == before["config"]

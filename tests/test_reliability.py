@@ -16,7 +16,7 @@ from torch import nn
 
 import hfcompress.calibration as calibration_module
 import hfcompress.matching as matching_module
-from conftest import BLOCK_LINEARS, tiny_model
+from conftest import BLOCK_LINEARS, assert_unchanged, snapshot, tiny_model
 from hfcompress import HfCompressError, compress_model
 from hfcompress.errors import InvalidParameterError
 from hfcompress.layers import KroneckerLinear, LowRankLinear, PrunedLinear
@@ -27,23 +27,6 @@ CALIBRATION = torch.randint(1, 128, (8, 16), generator=torch.Generator().manual_
 KRONECKER = {
     "stages": [{"method": "kronecker", "targets": BLOCK_LINEARS, "a_shape": [8, 8], "terms": 2}]
 }
-
-
-def snapshot(model: nn.Module) -> dict:
-    return {
-        "state": {k: v.clone() for k, v in model.state_dict().items()},
-        "types": {n: type(m) for n, m in model.named_modules()},
-        "config": model.config.to_dict(),
-    }
-
-
-def assert_unchanged(model: nn.Module, before: dict) -> None:
-    assert {n: type(m) for n, m in model.named_modules()} == before["types"]
-    state = model.state_dict()
-    assert state.keys() == before["state"].keys()
-    for key, value in state.items():
-        assert torch.equal(value, before["state"][key]), key
-    assert model.config.to_dict() == before["config"]
 
 
 def _fail_on_call(monkeypatch, owner, name: str, call: int, error: BaseException) -> None:

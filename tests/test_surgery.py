@@ -9,7 +9,14 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import BLOCK_LINEARS, model_output, tiny_inputs, tiny_model
+from conftest import (
+    BLOCK_LINEARS,
+    assert_unchanged,
+    model_output,
+    snapshot,
+    tiny_inputs,
+    tiny_model,
+)
 from hfcompress import HfCompressError
 from hfcompress.layers import (
     CompressedLayer,
@@ -28,24 +35,6 @@ METHOD_STAGES = {
     "lowrank": {"method": "lowrank", "targets": BLOCK_LINEARS, "rank": 8},
     "kronecker": {"method": "kronecker", "targets": BLOCK_LINEARS, "a_shape": [8, 8], "terms": 2},
 }
-
-
-def snapshot(model: nn.Module) -> dict:
-    return {
-        "state": {k: v.clone() for k, v in model.state_dict().items()},
-        "types": {n: type(m) for n, m in model.named_modules()},
-        "config": model.config.to_dict(),
-    }
-
-
-def assert_unchanged(model: nn.Module, before: dict) -> None:
-    assert {n: type(m) for n, m in model.named_modules()} == before["types"]
-    state = model.state_dict()
-    assert state.keys() == before["state"].keys()
-    for key, value in state.items():
-        assert torch.equal(value, before["state"][key]), key
-    assert model.config.to_dict() == before["config"]
-    assert getattr(model.config, "quantization_config", None) is None
 
 
 def densified_reference(original: nn.Module, compressed: nn.Module) -> nn.Module:
