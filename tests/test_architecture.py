@@ -24,6 +24,7 @@ ORDER = [
     "validation",
     "surgery",
     "planner",
+    "checkpoint_checks",
     "serialization",
     "inference",
     "training",

@@ -487,3 +487,159 @@ def test_nm_group_counts_match_the_unpacked_mask(in_features, m):
     counts = _nm_group_counts(pack_bitmask(mask), in_features, m)
     assert torch.equal(counts.int(), mask.view(5, -1, m).sum(-1).int())
     assert torch.equal(unpack_bitmask(pack_bitmask(mask), in_features), mask)
+
+
+# --- integrity digests: byte-level damage that keeps every header and count right ---------------
+
+
+def tensor_span(file: Path, key: str) -> tuple[int, int]:
+    """The absolute byte range [start, end) of tensor ``key``'s data in a safetensors file."""
+    raw = file.read_bytes()
+    length = int.from_bytes(raw[:8], "little")
+    start, end = json.loads(raw[8 : 8 + length])[key]["data_offsets"]
+    return 8 + length + start, 8 + length + end
+
+
+def patch_bytes(file: Path, offset: int, data: bytes) -> None:
+    """Overwrite bytes of ``file`` in place (header, metadata and length stay as they were)."""
+    raw = bytearray(file.read_bytes())
+    raw[offset : offset + len(data)] = data
+    file.write_bytes(bytes(raw))
+
+
+def flip_value_byte(file: Path, key: str) -> None:
+    start, _ = tensor_span(file, key)
+    patch_bytes(file, start + 1, bytes([file.read_bytes()[start + 1] ^ 0x01]))
+
+
+def move_mask_bit(file: Path, key: str) -> None:
+    """Move one set bit of a bitmask to an unset position in the same byte: popcount kept."""
+    start, end = tensor_span(file, key)
+    raw = file.read_bytes()
+    offset = next(i for i in range(start, end) if raw[i] not in (0x00, 0xFF))
+    byte = raw[offset]
+    kept = next(bit for bit in range(8) if byte >> bit & 1)
+    free = next(bit for bit in range(8) if not byte >> bit & 1)
+    moved = (byte & ~(1 << kept)) | (1 << free)
+    assert bin(moved).count("1") == bin(byte).count("1")
+    patch_bytes(file, offset, bytes([moved]))
+
+
+DIGEST_DAMAGE = {
+    "values-byte-flipped": (flip_value_byte, f"{C_ATTN}.weight"),
+    "bitmask-bit-moved": (move_mask_bit, f"{C_ATTN}.weight_bitmask"),
+    "factor-bitmask-bit-moved": (move_mask_bit, f"{C_FC}.v.weight_bitmask"),
+    "kronecker-byte-flipped": (flip_value_byte, f"{ATTN_PROJ}.A"),
+}
+
+
+def test_saved_checkpoints_record_a_digest_of_every_tensor(saved):
+    from safetensors import safe_open
+
+    for arch, (path, _, _) in saved.items():
+        with safe_open(str(path / "model.safetensors"), "pt") as handle:
+            digests = json.loads(handle.metadata()["hfcompress_digests"])
+            # every tensor written has one (tied weights, dropped at save, have one too)
+            assert set(handle.keys()) <= set(digests), arch
+
+
+@pytest.mark.parametrize("case", list(DIGEST_DAMAGE))
+def test_damage_keeping_headers_and_counts_is_caught_by_the_digest(saved, tmp_path, case):
+    damage, key = DIGEST_DAMAGE[case]
+    path = copy_of(saved, "gpt2", tmp_path)
+    damage(path / "model.safetensors", key)
+    with pytest.raises(CheckpointError, match=FILE + esc(f"'{key}' does not match the digest")):
+        AutoModelForCausalLM.from_pretrained(path)
+
+
+def test_digest_check_can_be_switched_off(saved, tmp_path, monkeypatch):
+    path = copy_of(saved, "gpt2", tmp_path)
+    move_mask_bit(path / "model.safetensors", f"{C_ATTN}.weight_bitmask")
+    monkeypatch.setenv("HFCOMPRESS_VERIFY_DIGESTS", "0")
+    AutoModelForCausalLM.from_pretrained(path)
+
+
+def test_checkpoint_without_digests_still_loads(saved, tmp_path):
+    for arch, (_, model, inputs) in saved.items():
+        path = copy_of(saved, arch, tmp_path)
+        edit_tensors(path, lambda tensors: None)  # rewrites the file with {"format": "pt"} only
+        reloaded = AutoModelForCausalLM.from_pretrained(path).eval()
+        assert torch.equal(model_output(reloaded, inputs), model_output(model, inputs)), arch
+
+
+# --- damaged files: truncation, header length, pickles ------------------------------------------
+
+
+def truncate_data(file: Path) -> None:
+    file.write_bytes(file.read_bytes()[:-64])  # header intact, last tensor short
+
+
+def header_length(new: Callable[[int], int]) -> Callable[[Path], None]:
+    """Rewrite the first 8 bytes (the header length) as ``new(length)``."""
+
+    def damage(file: Path) -> None:
+        length = int.from_bytes(file.read_bytes()[:8], "little")
+        patch_bytes(file, 0, new(length).to_bytes(8, "little"))
+
+    return damage
+
+
+def garble_header(file: Path) -> None:
+    patch_bytes(file, 8, b"\xff")  # the JSON header's opening brace
+
+
+FILE_DAMAGE = {
+    "truncated-data": truncate_data,
+    "header-length-huge": header_length(lambda n: 2**40),
+    "header-length-zero": header_length(lambda n: 0),
+    "header-length-short": header_length(lambda n: n - 8),
+    "header-length-long": header_length(lambda n: n + 8),
+    "header-not-json": garble_header,
+}
+
+
+@pytest.mark.parametrize("case", list(FILE_DAMAGE))
+def test_damaged_safetensors_file_is_named(saved, tmp_path, case):
+    path = copy_of(saved, "llama", tmp_path)
+    FILE_DAMAGE[case](path / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: unreadable safetensors file"):
+        AutoModelForCausalLM.from_pretrained(path)
+
+
+class _Payload:
+    """Unpickling this creates ``marker``: proof that a pickle ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, tuple[str, str]]:
+        import builtins
+
+        return builtins.open, (str(self.marker), "w")
+
+
+PICKLES = {  # case -> (from_pretrained kwargs, remove model.safetensors, loads from safetensors)
+    "beside-safetensors": ({}, False, True),
+    "instead-of-safetensors": ({}, True, False),
+    "beside-safetensors-use_safetensors-false": ({"use_safetensors": False}, False, False),
+}
+
+
+@pytest.mark.parametrize("case", list(PICKLES))
+def test_pickle_in_checkpoint_folder_is_never_unpickled(saved, tmp_path, case):
+    import pickle
+
+    kwargs, remove_safetensors, loads = PICKLES[case]
+    path = copy_of(saved, "llama", tmp_path)
+    marker = tmp_path / "PICKLE_RAN"
+    (path / "pytorch_model.bin").write_bytes(pickle.dumps(_Payload(marker)))
+    if remove_safetensors:
+        (path / "model.safetensors").unlink()
+    if loads:
+        reloaded = AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
+        _, model, inputs = saved["llama"]
+        assert torch.equal(model_output(reloaded, inputs), model_output(model, inputs))
+    else:
+        with pytest.raises(CheckpointError, match=r"pytorch_model\.bin: .*safetensors only"):
+            AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    assert not marker.exists(), "the pickle was executed"
