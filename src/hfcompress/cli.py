@@ -9,8 +9,10 @@ Subcommands:
     distill TEACHER        compress a copy of the teacher and distill it on text
     shapes OUT IN          list the Kronecker factor shapes of an [OUT, IN] weight
 
-MODEL is a local folder or a hub id. Bad input prints one line and exits with code 2 (``--debug``
-shows the traceback); an output folder is written whole or not at all.
+MODEL is a local folder or a hub id, loaded with the class its config.json names (as transformers
+does; ``--task`` overrides it). Bad input, an output path that cannot be written included, prints
+one line and exits with code 2 before any model is loaded (``--debug`` shows the traceback); Ctrl-C
+exits with code 130. An output folder or file is written whole or not at all.
 """
 
 from __future__ import annotations
@@ -22,12 +24,16 @@ import json
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any, Literal, Protocol
 
 import torch
+import transformers
 from datasets import Dataset, load_dataset
 from rich.console import Console
 from rich.table import Table
@@ -35,15 +41,20 @@ from transformers import (
     AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoModelForQuestionAnswering,
     AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
     AutoTokenizer,
     GPT2Config,
     GPT2LMHeadModel,
     HfArgumentParser,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.models.auto import modeling_auto
 
 from hfcompress._version import __version__
 from hfcompress.analysis import analyze_model, plot_energy, plot_spectra
@@ -67,11 +78,30 @@ from hfcompress.training import (
     causal_lm_blocks,
 )
 
-_AUTO_CLASSES = (
-    ("ForCausalLM", AutoModelForCausalLM),
-    ("ForSequenceClassification", AutoModelForSequenceClassification),
-    ("ForConditionalGeneration", AutoModelForSeq2SeqLM),
-)
+
+class ModelLoader(Protocol):
+    """A model class or an Auto class: anything with ``from_pretrained``."""
+
+    def from_pretrained(self, source: str, *args: Any, **kwargs: Any) -> PreTrainedModel: ...
+
+
+# --task NAME -> the Auto class that loads that head, and the transformers mapping it loads from
+# (model_type -> class name), which also places an architecture that transformers lacks.
+TASKS: dict[str, tuple[Any, dict[str, str | tuple[str, ...]]]] = {
+    "causal-lm": (AutoModelForCausalLM, modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES),
+    "masked-lm": (AutoModelForMaskedLM, modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES),
+    "seq2seq": (AutoModelForSeq2SeqLM, modeling_auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES),
+    "seq-cls": (
+        AutoModelForSequenceClassification,
+        modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+    ),
+    "token-cls": (
+        AutoModelForTokenClassification,
+        modeling_auto.MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES,
+    ),
+    "qa": (AutoModelForQuestionAnswering, modeling_auto.MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES),
+    "base": (AutoModel, modeling_auto.MODEL_MAPPING_NAMES),
+}
 
 # The demo's default recipe: one stage per method, and a composed one (prune the low-rank factors).
 DEMO_RECIPE: dict[str, object] = {
@@ -194,17 +224,60 @@ def resolve_model(ref: str) -> str:
     )
 
 
-def load_model(ref: str, dtype: str = "auto") -> PreTrainedModel:
-    """Load with the Auto class that matches the checkpoint's architecture."""
+def _transformers_class(architecture: str) -> type[PreTrainedModel] | None:
+    """``transformers.<architecture>`` when it is a PyTorch model class, else None."""
+    try:
+        cls = getattr(transformers, architecture)
+    except (AttributeError, ImportError):
+        return None
+    return cls if isinstance(cls, type) and issubclass(cls, PreTrainedModel) else None
+
+
+def _task_of(architecture: str) -> str | None:
+    """The first ``TASKS`` entry whose transformers mapping lists ``architecture``, else None."""
+    for task, (_, mapping) in TASKS.items():
+        for names in mapping.values():
+            if architecture in ((names,) if isinstance(names, str) else names):
+                return task
+    return None
+
+
+def model_class(config: PretrainedConfig, task: str | None = None) -> ModelLoader:
+    """The class that loads a checkpoint, chosen as transformers does.
+
+    ``task`` (a ``TASKS`` key) picks its Auto class. Otherwise the class is the architecture that
+    config.json names, ``transformers.<architectures[0]>`` (``GPT2LMHeadModel``, not
+    ``GPT2Model``), or the Auto class of the task whose mapping lists it; a config that names no
+    architecture loads with ``AutoModel``, the bare model.
+    """
+    if task is not None:
+        return TASKS[task][0]
+    if not config.architectures:
+        return AutoModel
+    architecture = config.architectures[0]
+    own = _transformers_class(architecture)
+    if own is not None:
+        return own
+    listed = _task_of(architecture)
+    if listed is None:
+        raise CliError(
+            f"architecture {architecture!r} (config.json) is not a transformers model class; "
+            f"pass --task ({', '.join(TASKS)})"
+        )
+    return TASKS[listed][0]
+
+
+def load_model(ref: str, dtype: str = "auto", task: str | None = None) -> PreTrainedModel:
+    """Load ``ref`` with ``model_class``: the module names match the Python API's for the same
+    checkpoint (``transformer.h.0.mlp.c_fc`` for GPT-2, not ``h.0.mlp.c_fc``)."""
     source = resolve_model(ref)
     try:
         config = AutoConfig.from_pretrained(source)
-        architecture = (config.architectures or [""])[0]
-        auto = next(
-            (cls for suffix, cls in _AUTO_CLASSES if architecture.endswith(suffix)), AutoModel
-        )
+        loader = model_class(config, task)
         torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-        return auto.from_pretrained(source, dtype=torch_dtype).eval()
+        return loader.from_pretrained(source, dtype=torch_dtype).eval()
+    except CliError as error:  # from model_class: name the model
+        raise CliError(f"MODEL {ref!r}: {error}") from error
     except (OSError, ValueError) as error:
         if isinstance(error, HfCompressError):
             raise
@@ -219,27 +292,143 @@ def load_tokenizer(ref: str) -> PreTrainedTokenizerBase:
         raise CliError(f"MODEL {ref!r}: no tokenizer found with it ({error})") from error
 
 
+def _nearest_existing(path: Path) -> Path:
+    """``path`` itself or its closest ancestor that exists."""
+    path = path.absolute()
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
+def _probe_writable(folder: Path) -> str | None:
+    """Why nothing can be created in ``folder`` (an OS error's text), or None when it can.
+
+    It creates and removes an empty folder: permission bits alone say nothing when running as
+    root, nor about read-only file systems and /proc.
+    """
+    try:
+        Path(tempfile.mkdtemp(prefix=".hfcompress-probe-", dir=folder)).rmdir()
+    except OSError as error:
+        return error.strerror or type(error).__name__
+    return None
+
+
+def check_output(
+    path: Path, flag: str, kind: Literal["folder", "file"] = "folder", overwrite: bool = False
+) -> None:
+    """Fail fast, before any work, when ``path`` cannot take a new ``kind``.
+
+    Raises ``CliError`` (one line naming ``flag`` and ``path``) when ``path`` is of the other
+    kind, when it exists and holds something and ``overwrite`` is off, when an ancestor is a
+    file, or when its nearest existing folder is not writable (the output is written into a
+    temporary sibling there and moved into place).
+    """
+    where = f"{flag} {str(path)!r}"
+    if path.is_dir() and kind == "file":
+        raise CliError(f"{where}: is a folder, expected a file")
+    if path.exists() and not path.is_dir() and kind == "folder":
+        raise CliError(f"{where}: is a file, expected a folder")
+    if path.is_file() and not overwrite:
+        raise CliError(f"{where}: exists (pass --overwrite)")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise CliError(f"{where}: exists and is not empty (pass --overwrite)")
+    ancestor = _nearest_existing(path.parent)
+    if not ancestor.is_dir():
+        raise CliError(f"{where}: {str(ancestor)!r} is a file, so nothing can be created under it")
+    reason = _probe_writable(ancestor)
+    if reason is not None:
+        raise CliError(f"{where}: nothing can be created in {str(ancestor)!r} ({reason})")
+
+
+def _make_parents(folder: Path) -> list[Path]:
+    """``mkdir -p folder``; returns the folders it created, outermost first."""
+    missing = [p for p in [folder, *folder.parents] if not p.exists()][::-1]
+    folder.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+def _remove_empty(folders: Sequence[Path]) -> None:
+    """Remove the folders ``_make_parents`` created, innermost first, where they are still empty."""
+    for folder in reversed(folders):
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
 @contextlib.contextmanager
-def atomic_output(output: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Write into a temporary sibling folder and move it to ``output`` only on success."""
-    if output.exists() and any(output.iterdir()) and not overwrite:
-        raise CliError(f"--output {str(output)!r}: exists and is not empty (pass --overwrite)")
-    output.parent.mkdir(parents=True, exist_ok=True)
+def _interrupts_deferred() -> Iterator[None]:
+    """Hold Ctrl-C (SIGINT) until the block has run, then raise ``KeyboardInterrupt``, so a short
+    critical step (swapping folders) is never cut in half. Only the main thread gets signals."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+
+
+def _move_into_place(tmp: Path, output: Path) -> None:
+    """Rename the finished ``tmp`` to ``output``. An existing ``output`` is renamed aside first,
+    put back if the second rename fails, and removed once the new folder is in place."""
+    with _interrupts_deferred():
+        if not output.exists():
+            os.replace(tmp, output)
+            return
+        aside = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
+        aside.rmdir()
+        os.replace(output, aside)
+        try:
+            os.replace(tmp, output)
+        except BaseException:
+            os.replace(aside, output)
+            raise
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_output(output: Path, overwrite: bool = False, flag: str = "--output") -> Iterator[Path]:
+    """Write into a temporary sibling folder and move it to ``output`` only on success.
+
+    Any exception in the block, ``KeyboardInterrupt`` included, removes the temporary folder and
+    the parent folders made for it, and leaves an existing ``output`` as it was.
+    """
+    check_output(output, flag, "folder", overwrite)
+    created = _make_parents(output.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
     try:
         yield tmp
+        _move_into_place(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(created)
         raise
-    if output.exists():
-        shutil.rmtree(output)
-    os.replace(tmp, output)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary sibling file and rename it to ``path``: whole or not at all,
+    Ctrl-C included."""
+    created = _make_parents(path.parent)
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        _remove_empty(created)
+        raise
 
 
 def cmd_compress(args: argparse.Namespace, console: Console) -> int:
-    resolve_model(args.model)  # fail on a bad path or recipe before loading any weights
+    # Fail on a bad output, model path or recipe before loading any weights.
+    if not args.dry_run:
+        check_output(args.output, "--output", "folder", args.overwrite)
+    resolve_model(args.model)
     recipe = Recipe.load(args.recipe)
-    model = load_model(args.model, args.dtype)
+    model = load_model(args.model, args.dtype, args.model_task)
     report = compress_model(model, recipe, dry_run=args.dry_run)
     console.print(report.table())
     if args.dry_run:
@@ -280,7 +469,7 @@ def cmd_eval(args: argparse.Namespace, console: Console) -> int:
         raise CliError("eval: choose at least one of --perplexity, --task, --speed")
     if args.perplexity and not args.text:
         raise CliError("--perplexity: needs --text FILE (the text to score)")
-    model = load_model(args.model, args.dtype)
+    model = load_model(args.model, args.dtype, args.model_task)
     table = Table(title=f"hfcompress eval: {args.model}")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -312,9 +501,8 @@ def cmd_eval(args: argparse.Namespace, console: Console) -> int:
         )
         inputs = {"input_ids": ids.to(next(model.parameters()).device)}
         if args.reference:
-            comparison = compare_speed(
-                model, load_model(args.reference, args.dtype), inputs, repeats=args.repeats
-            )
+            reference = load_model(args.reference, args.dtype, args.model_task)
+            comparison = compare_speed(model, reference, inputs, repeats=args.repeats)
             latency = comparison.model
             table.add_row(f"speedup vs {args.reference}", f"{comparison.speedup:.2f}x")
         else:
@@ -329,7 +517,11 @@ def cmd_eval(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace, console: Console) -> int:
-    model = load_model(args.model, args.dtype)
+    if args.plots:
+        check_output(args.plots, "--plots", "folder", args.overwrite)
+    if args.json:
+        check_output(args.json, "--json", "file", overwrite=True)  # --json always replaces
+    model = load_model(args.model, args.dtype, args.model_task)
     analysis = analyze_model(
         model,
         targets=args.targets,
@@ -338,9 +530,12 @@ def cmd_analyze(args: argparse.Namespace, console: Console) -> int:
     )
     console.print(analysis.table())
     if args.json:
-        args.json.write_text(json.dumps(analysis.to_dict(), indent=1), encoding="utf-8")
+        write_text_atomic(args.json, json.dumps(analysis.to_dict(), indent=1))
     if args.plots:
-        with atomic_output(args.plots, args.overwrite) as tmp, console.status("plotting"):
+        with (
+            atomic_output(args.plots, args.overwrite, "--plots") as tmp,
+            console.status("plotting"),
+        ):
             plot_spectra(analysis, tmp / "spectra.png")
             plot_energy(analysis, tmp / "energy.png")
         console.print(f"plots written to {args.plots}")
@@ -348,10 +543,9 @@ def cmd_analyze(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_plan(args: argparse.Namespace, console: Console) -> int:
-    if args.output.exists() and not args.overwrite:
-        raise CliError(f"--output {str(args.output)!r}: exists (pass --overwrite)")
+    check_output(args.output, "--output", "file", args.overwrite)
     text = _read_texts(args.calibration_text)
-    model = load_model(args.model, args.dtype)
+    model = load_model(args.model, args.dtype, args.model_task)
     ids = load_tokenizer(args.model)(text, return_tensors="pt").input_ids[0]
     usable = (ids.numel() // args.seq_len) * args.seq_len
     if usable == 0:
@@ -367,10 +561,7 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
         allocation=args.allocation,
     )
     console.print(plan.table())
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.output.with_name(f".{args.output.name}.partial")
-    tmp.write_text(plan.recipe.to_yaml(), encoding="utf-8")
-    os.replace(tmp, args.output)
+    write_text_atomic(args.output, plan.recipe.to_yaml())
     console.print(
         f"recipe written to {args.output}; apply it with: hfcompress compress {args.model} "
         f"--recipe {args.output} --output DIR (its criterion needs calibration data in Python)"
@@ -389,6 +580,8 @@ def fraction(text: str) -> float:
 
 
 def cmd_distill(args: argparse.Namespace, console: Console) -> int:
+    check_output(args.output, "--output", "folder", overwrite=True)  # run/ may be there already
+    check_output(args.output / "student", "--output", "folder", args.overwrite)
     recipe = Recipe.load(args.recipe)
     text = _read_texts(args.train_text)
     try:
@@ -397,7 +590,7 @@ def cmd_distill(args: argparse.Namespace, console: Console) -> int:
         )
     except SystemExit as error:  # HfArgumentParser exits on unknown or malformed flags
         raise CliError(f"distill: bad training flags {args.training_args} (see --help)") from error
-    teacher = load_model(args.teacher, args.dtype)
+    teacher = load_model(args.teacher, args.dtype, args.model_task)
     tokenizer = load_tokenizer(args.teacher)
     student = copy.deepcopy(teacher)
     console.print(compress_model(student, recipe).table())
@@ -455,6 +648,7 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--dry-run", action="store_true", help="report only, save nothing")
     compress.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
     _dtype_flag(compress)
+    _task_flag(compress)
     compress.set_defaults(func=cmd_compress)
 
     evaluate = sub.add_parser("eval", help="perplexity, task accuracy, size and speed of a model")
@@ -474,6 +668,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seq-len", type=positive_int, default=128)
     evaluate.add_argument("--repeats", type=positive_int, default=10)
     _dtype_flag(evaluate)
+    _task_flag(evaluate, "--model-task")  # --task is the classification data
     evaluate.set_defaults(func=cmd_eval)
 
     analyze = sub.add_parser(
@@ -494,6 +689,7 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--json", type=Path, help="write the analysis as JSON")
     analyze.add_argument("--overwrite", action="store_true", help="replace a non-empty --plots")
     _dtype_flag(analyze)
+    _task_flag(analyze)
     analyze.set_defaults(func=cmd_analyze)
 
     plan = sub.add_parser(
@@ -522,6 +718,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--output", type=Path, required=True, help="recipe .yaml to write")
     plan.add_argument("--overwrite", action="store_true")
     _dtype_flag(plan)
+    _task_flag(plan)
     plan.set_defaults(func=cmd_plan)
 
     distill = sub.add_parser(
@@ -537,6 +734,7 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--block-size", type=positive_int, default=128)
     distill.add_argument("--overwrite", action="store_true")
     _dtype_flag(distill)
+    _task_flag(distill)
     distill.set_defaults(func=cmd_distill)
     return parser
 
@@ -544,6 +742,17 @@ def build_parser() -> argparse.ArgumentParser:
 def _dtype_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"]
+    )
+
+
+def _task_flag(parser: argparse.ArgumentParser, *names: str) -> None:
+    parser.add_argument(
+        *(names or ("--task", "--model-task")),
+        dest="model_task",
+        choices=list(TASKS),
+        default=None,
+        help="load MODEL with this task's Auto class instead of the class config.json names "
+        "in architectures (base: the bare model, no head)",
     )
 
 
@@ -567,6 +776,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = " ".join(str(error).split())  # one line
         print(f"hfcompress {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outputs are written whole or not at all: nothing to clean up
+        if args.debug:
+            raise
+        print("hfcompress: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
