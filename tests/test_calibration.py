@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import hfcompress.calibration as calibration_module
-import hfcompress.surgery as surgery_module
+import hfcompress.methods.prune.build as prune_build
 from conftest import BLOCK_LINEARS, model_output, tiny_inputs, tiny_model
 from hfcompress import HfCompressError, compress_model
 from hfcompress.calibration import InputStats, calibration_batches, output_gradient_energy
@@ -67,7 +67,7 @@ def test_block_inputs_are_outputs_of_already_compressed_blocks(monkeypatch):
             seen.setdefault(name + f"@{id(block)}", s.gram.clone())
         return stats
 
-    monkeypatch.setattr("hfcompress.surgery.collect_stats", spy)
+    monkeypatch.setattr("hfcompress.calibration.collect_stats", spy)
     recipe = {
         "stages": [
             {"method": "prune", "targets": BLOCK_LINEARS, "sparsity": 0.5, "criterion": "sparsegpt"}
@@ -199,14 +199,14 @@ def test_fisher_whitened_weights_rows_by_the_dense_models_output_gradients(monke
     names = [n for n, m in weighted.named_modules() if isinstance(m, LowRankLinear)]
     expected = output_gradient_energy(dense, calibration_batches(CALIBRATION), names)
     seen: dict[str, torch.Tensor] = {}
-    real = surgery_module.output_gradient_energy
+    real = calibration_module.output_gradient_energy
 
     def spy(model, batches, module_names):
         energy = real(model, batches, module_names)
         seen.update(energy)
         return {n: torch.full_like(g, 2.5) for n, g in energy.items()}
 
-    monkeypatch.setattr(surgery_module, "output_gradient_energy", spy)
+    monkeypatch.setattr(calibration_module, "output_gradient_energy", spy)
     constant = compressed("fisher_whitened")
     assert sorted(seen) == sorted(names)
     for name in names:
@@ -284,7 +284,7 @@ def test_failure_mid_calibration_restores_the_model(monkeypatch):
     model = tiny_model("llama")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     calls = {"n": 0}
-    real = calibration_module.sparsegpt_prune
+    real = prune_build.sparsegpt_prune
 
     def flaky(*args, **kwargs):
         calls["n"] += 1
@@ -292,7 +292,7 @@ def test_failure_mid_calibration_restores_the_model(monkeypatch):
             raise RuntimeError("simulated failure")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(calibration_module, "sparsegpt_prune", flaky)
+    monkeypatch.setattr(prune_build, "sparsegpt_prune", flaky)
     recipe = {
         "stages": [
             {"method": "prune", "targets": BLOCK_LINEARS, "sparsity": 0.5, "criterion": "sparsegpt"}

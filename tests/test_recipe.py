@@ -6,7 +6,10 @@ import json
 
 import pytest
 
-from hfcompress.recipe import KroneckerStage, LowRankStage, PruneStage, Recipe, RecipeError
+from hfcompress.methods.kronecker.config import KroneckerStage
+from hfcompress.methods.lowrank.config import LowRankStage
+from hfcompress.methods.prune.config import PruneStage
+from hfcompress.recipe import Recipe, RecipeError
 
 EXAMPLE = {
     "stages": [
@@ -90,7 +93,7 @@ def test_nm_pattern_implies_sparsity():
         ),
         (
             {"stages": [{"method": "prune", "targets": ".*", "pattern": "2:4", "sparsity": 0.3}]},
-            r"implies 0.5",
+            r"implies sparsity 0.5",
         ),
         (
             {"stages": [{"method": "lowrank", "targets": ".*", "rank": 0}]},

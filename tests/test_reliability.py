@@ -14,8 +14,8 @@ import pytest
 import torch
 from torch import nn
 
-import hfcompress.calibration as calibration_module
 import hfcompress.matching as matching_module
+import hfcompress.methods.prune.build as prune_build
 from conftest import BLOCK_LINEARS, assert_unchanged, snapshot, tiny_model
 from hfcompress import HfCompressError, compress_model
 from hfcompress.errors import InvalidParameterError
@@ -61,7 +61,7 @@ def test_ctrl_c_during_compress_model_restores_the_model(monkeypatch, arch):
 def test_ctrl_c_during_calibrated_compression_restores_the_model(monkeypatch):
     model = tiny_model("llama").train()
     before = snapshot(model)
-    _fail_on_call(monkeypatch, calibration_module, "sparsegpt_prune", 9, KeyboardInterrupt())
+    _fail_on_call(monkeypatch, prune_build, "sparsegpt_prune", 9, KeyboardInterrupt())
     recipe = {
         "stages": [
             {"method": "prune", "targets": BLOCK_LINEARS, "sparsity": 0.5, "criterion": "sparsegpt"}

@@ -4,11 +4,21 @@
 so ``AutoModel*.from_pretrained`` rebuilds compressed checkpoints.
 """
 
+from hfcompress import methods  # noqa: F401 - registers the built-in methods
 from hfcompress._version import __version__
-from hfcompress.errors import HfCompressError, InvalidParameterError, UnsupportedModuleError
+from hfcompress.errors import (
+    HfCompressError,
+    InvalidParameterError,
+    RecipeError,
+    UnsupportedModuleError,
+)
 from hfcompress.inference import freeze, model_bytes, unfreeze
-from hfcompress.layers import CompressedLayer, KroneckerLinear, LowRankLinear, PrunedLinear
-from hfcompress.recipe import Recipe, RecipeError
+from hfcompress.layers.base import CompressedLayer
+from hfcompress.methods.kronecker.layer import KroneckerLinear
+from hfcompress.methods.lowrank.layer import LowRankLinear
+from hfcompress.methods.prune.layer import PrunedLinear
+from hfcompress.recipe import Recipe
+from hfcompress.registry import Criterion, Method, get_method, method_names, register_method
 from hfcompress.serialization import CheckpointError, HfCompressConfig, decompress
 from hfcompress.surgery import (
     CompressionReport,
@@ -21,11 +31,13 @@ __all__ = [
     "CheckpointError",
     "CompressedLayer",
     "CompressionReport",
+    "Criterion",
     "HfCompressConfig",
     "HfCompressError",
     "InvalidParameterError",
     "KroneckerLinear",
     "LowRankLinear",
+    "Method",
     "PrunedLinear",
     "Recipe",
     "RecipeError",
@@ -34,8 +46,11 @@ __all__ = [
     "compress_model",
     "decompress",
     "freeze",
+    "get_method",
+    "method_names",
     "model_bytes",
     "plan_compression",
     "record_compression",
+    "register_method",
     "unfreeze",
 ]

@@ -13,74 +13,19 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from hfcompress.decompose.calibrated import (
-    activation_svd_factors,
-    fisher_svd_factors,
-    scaled_nearest_kronecker,
-    sparsegpt_prune,
-    wanda_mask,
-    whitened_svd_factors,
-)
 from hfcompress.errors import HfCompressError, InvalidParameterError
-from hfcompress.layers import (
-    CompressedLayer,
-    KroneckerLinear,
-    LowRankLinear,
-    PrunedLinear,
-    dense_weight_of,
-    source_kind,
-)
-from hfcompress.recipe import Stage
+from hfcompress.layers.base import source_kind
+from hfcompress.registry import ROW_WEIGHT_NEEDS, criterion_of, needs_calibration
+from hfcompress.stats import InputStats, LayerStats
+from hfcompress.swap import Operation, Swapper
 
 Batch = dict[str, torch.Tensor]
-
-
-@dataclass
-class InputStats:
-    """Statistics of a Linear layer's inputs X: [N, in] over N calibration tokens (fp32).
-
-    Attributes:
-        count: N, the tokens seen.
-        sq_sum: Σ x² per input feature, [in]; ‖X_j‖₂ = √sq_sum (Wanda).
-        abs_sum: Σ |x| per input feature, [in]; mean |x_j| = abs_sum / N (ASVD).
-        gram: Σ x·xᵀ, [in, in] = X·Xᵀ (SparseGPT's Hessian, SVD-LLM's whitening); only when asked.
-    """
-
-    count: int = 0
-    sq_sum: torch.Tensor | None = None
-    abs_sum: torch.Tensor | None = None
-    gram: torch.Tensor | None = None
-    want_gram: bool = field(default=False, repr=False)
-
-    def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).float()
-        if self.sq_sum is None:
-            self.sq_sum = torch.zeros(x.shape[1], device=x.device)
-            self.abs_sum = torch.zeros(x.shape[1], device=x.device)
-            if self.want_gram:
-                self.gram = torch.zeros(x.shape[1], x.shape[1], device=x.device)
-        self.count += x.shape[0]
-        self.sq_sum += x.square().sum(0)
-        self.abs_sum += x.abs().sum(0)
-        if self.gram is not None:
-            self.gram.addmm_(x.T, x)
-
-    @property
-    def input_norm(self) -> torch.Tensor:
-        """‖X_j‖₂ per input feature, [in]."""
-        return self.sq_sum.sqrt()
-
-    @property
-    def mean_abs(self) -> torch.Tensor:
-        """mean |x_j| per input feature, [in]."""
-        return self.abs_sum / max(self.count, 1)
 
 
 def calibration_batches(calibration: Any, batch_size: int = 8) -> list[Batch]:
@@ -273,10 +218,10 @@ def run_layerwise(
     compress_block: Callable[[int, nn.Module, list[tuple]], None],
     progress: bool = True,
 ) -> None:
-    """Compress ``stack`` block by block on calibration data, each block seeing compressed inputs.
+    """Run ``stack`` block by block on calibration data, each block seeing compressed inputs.
 
     ``compress_block(index, block, inputs)`` gathers what it needs (see :func:`collect_stats`)
-    and compresses the block in place; its outputs then feed the next block.
+    and changes the block in place; its outputs then feed the next block.
     """
     was_training = model.training
     model.eval()
@@ -385,59 +330,113 @@ def output_gradient_energy(
     return energy
 
 
-def build_calibrated(
-    stage: Stage,
-    module: nn.Module,
-    stats: InputStats | None,
-    fisher: torch.Tensor | None = None,
-) -> CompressedLayer:
-    """The compressed layer a data-aware ``stage`` makes of a dense ``module``.
+def row_weights(
+    model: nn.Module, batches: list[Batch], ops: list[Operation]
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Per-row weights the criteria need, measured on the model before anything changes.
 
-    Each criterion minimizes an error on the calibration inputs X rather than on W alone: see
-    :mod:`hfcompress.decompose.calibrated` for what each one minimizes and its paper.
-
-    Raises:
-        HfCompressError: the statistics the criterion needs are missing.
+    Returns {need: {module name: [out]}} for the needs ``weight_fisher`` (FWSVD's squared weight
+    gradients) and ``output_fisher`` (the output-gradient energy).
     """
-    criterion = stage.criterion_name
-    W = dense_weight_of(module)
-    bias, source = module.bias, source_kind(module)
-    if criterion == "fisher":
-        if fisher is None:
-            raise HfCompressError("criterion 'fisher': no gradient statistics for this module")
-        U, V = fisher_svd_factors(W, fisher, **stage.layer_params())
-        return LowRankLinear.from_factors(U, V, bias, source)
-    if stats is None or stats.count == 0:
-        raise HfCompressError(f"criterion {criterion!r}: the module saw no calibration inputs")
-    params = stage.layer_params()
-    if criterion == "wanda":
-        mask = wanda_mask(
-            W, stats.input_norm, sparsity=params["sparsity"], pattern=params["pattern"]
+    measures = {"weight_fisher": fisher_row_importance, "output_fisher": output_gradient_energy}
+    weights = {}
+    for need, measure in measures.items():
+        names = sorted({op.module_name for op in ops if need in criterion_of(op.stage).needs})
+        if names:
+            weights[need] = measure(model, batches, names)
+    return weights
+
+
+def _layer_stats(
+    op: Operation, inputs: InputStats | None, weights: dict[str, dict[str, torch.Tensor]]
+) -> LayerStats:
+    needs = criterion_of(op.stage).needs
+    rows = next((weights[n][op.module_name] for n in ROW_WEIGHT_NEEDS if n in needs), None)
+    if rows is None and any(n in needs for n in ROW_WEIGHT_NEEDS):
+        raise HfCompressError(
+            f"criterion {op.stage.criterion_name!r}: no gradient statistics for this module"
         )
-        return PrunedLinear.from_weight(
-            W, mask, bias, source, params["pattern"], params["sparsity"]
+    if ({"inputs", "gram"} & needs) and (inputs is None or inputs.count == 0):
+        raise HfCompressError(
+            f"criterion {op.stage.criterion_name!r}: the module saw no calibration inputs"
         )
-    if criterion == "sparsegpt":
-        pruned, mask = sparsegpt_prune(
-            W, stats.gram, sparsity=params["sparsity"], pattern=params["pattern"]
+    return LayerStats(inputs=inputs, row_weights=rows)
+
+
+def apply_layerwise(
+    model: nn.Module,
+    ops: list[Operation],
+    batches: list[Batch],
+    swapper: Swapper,
+    progress: bool = True,
+    true_sequential: bool = False,
+) -> None:
+    """Apply every operation; those inside the layer stack block by block on calibration data.
+
+    For each block: gather the statistics its modules' criteria need (one pass, or one per
+    group of modules reading the same tensor with ``true_sequential``), ask each stage's
+    builder for the new layer (``swapper.apply``), then run the compressed block to produce
+    the next block's inputs. Operations outside the stack (data-free ones) run after.
+    """
+    calibrated = [op for op in ops if needs_calibration(op.stage)]
+    prefix, stack = layer_stack(model, sorted({op.module_name for op in calibrated}))
+    weights = row_weights(model, batches, ops)
+    by_block: dict[int, list[Operation]] = {}
+    outside: list[Operation] = []
+    for op in ops:
+        index = _block_index(prefix, op.module_name)
+        (outside if index is None else by_block.setdefault(index, [])).append(op)
+
+    def compress(index: int, block: nn.Module, inputs: list[tuple]) -> None:
+        ops_here = by_block.get(index, [])
+        _compress_block(
+            block, f"{prefix}.{index}.", ops_here, inputs, weights, swapper, true_sequential
         )
-        return PrunedLinear.from_weight(
-            pruned, mask, bias, source, params["pattern"], params["sparsity"]
-        )
-    if criterion == "whitened":
-        U, V = whitened_svd_factors(W, stats.gram, **params)
-        return LowRankLinear.from_factors(U, V, bias, source)
-    if criterion == "fisher_whitened":
-        if fisher is None:
-            raise HfCompressError(
-                "criterion 'fisher_whitened': no output-gradient statistics for this module"
-            )
-        U, V = whitened_svd_factors(W, stats.gram, row_importance=fisher, **params)
-        return LowRankLinear.from_factors(U, V, bias, source)
-    if criterion == "activation" and stage.method == "lowrank":
-        U, V = activation_svd_factors(W, stats.mean_abs, **params)
-        return LowRankLinear.from_factors(U, V, bias, source)
-    if criterion == "activation" and stage.method == "kronecker":
-        A, B = scaled_nearest_kronecker(W, params["a_shape"], params["terms"], stats.input_norm)
-        return KroneckerLinear.from_factors(A, B, bias, source)
-    raise HfCompressError(f"criterion {criterion!r} is not defined for method {stage.method!r}")
+
+    run_layerwise(model, batches, stack, compress, progress)
+    for op in outside:
+        swapper.apply(op)
+
+
+def _compress_block(
+    block: nn.Module,
+    head: str,
+    ops: list[Operation],
+    inputs: list[tuple],
+    weights: dict[str, dict[str, torch.Tensor]],
+    swapper: Swapper,
+    true_sequential: bool,
+) -> None:
+    by_module: dict[str, list[Operation]] = {}
+    for op in ops:
+        by_module.setdefault(op.module_name.removeprefix(head), []).append(op)
+    if not by_module:
+        return
+    gram = {
+        name: any("gram" in criterion_of(op.stage).needs for op in module_ops)
+        for name, module_ops in by_module.items()
+        if any(needs_calibration(op.stage) for op in module_ops)
+    }
+    # "True sequential" (the GPTQ option): modules reading the same tensor form a group, and
+    # each group is calibrated on the outputs of the groups before it, already compressed
+    # (o_proj sees the compressed q/k/v). Otherwise one pass gathers the whole block's stats.
+    groups = forward_groups(block, inputs, by_module) if true_sequential else [list(by_module)]
+    for group in groups:
+        wanted = {name: gram[name] for name in group if name in gram}
+        stats = collect_stats(block, inputs, wanted) if wanted else {}
+        for name in group:
+            for op in by_module[name]:  # a module's stages in recipe order
+                layer_stats = (
+                    _layer_stats(op, stats.get(name), weights)
+                    if needs_calibration(op.stage)
+                    else None
+                )
+                swapper.apply(op, layer_stats)
+
+
+def _block_index(prefix: str, name: str) -> int | None:
+    head = prefix + "."
+    if not name.startswith(head):
+        return None
+    index = name[len(head) :].split(".", 1)[0]
+    return int(index) if index.isdigit() else None

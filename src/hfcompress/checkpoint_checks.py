@@ -31,7 +31,8 @@ from hfcompress.layers import (
     source_kind,
 )
 from hfcompress.layers.base import SOURCE_KINDS
-from hfcompress.layers.pruned import BITMASK_SUFFIX, UNSTRUCTURED, normalize_pattern
+from hfcompress.decompose.patterns import UNSTRUCTURED, normalize_pattern
+from hfcompress.methods.prune.format import BITMASK_SUFFIX
 
 MARKER = "weight"  # the dense key that a low-rank / Kronecker module fills with an empty tensor
 Header = tuple[str, list[int], str]  # a tensor's safetensors (dtype, shape, file)

@@ -72,7 +72,7 @@ from hfcompress.layers import (
     PrunedLinear,
     layer_from_spec,
 )
-from hfcompress.layers.pruned import BITMASK_SUFFIX, sparse_decode, sparse_encode
+from hfcompress.methods.prune.format import BITMASK_SUFFIX, sparse_decode, sparse_encode
 from hfcompress.surgery import (
     QUANT_METHOD,
     SPEC_FORMAT_VERSION,

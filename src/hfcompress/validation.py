@@ -8,50 +8,16 @@ constructors on the meta device, so a recipe is held to exactly the rules the la
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from torch import nn
 
 from hfcompress.calibration import layer_stack
 from hfcompress.errors import HfCompressError, InvalidParameterError
-from hfcompress.layers import (
-    CompressedLayer,
-    KroneckerLinear,
-    LowRankLinear,
-    PrunedLinear,
-    dense_weight_of,
-    source_kind,
-)
+from hfcompress.layers.base import CompressedLayer, Planned, dense_weight_of, source_kind
 from hfcompress.matching import fullmatch, select
-from hfcompress.recipe import Recipe, RecipeError, Stage
-
-# What a stage may act on: a dense module, or the layer an earlier stage made. A low-rank layer
-# is pruned through its factors U and V; other compositions are refused at validation.
-SUPPORTED_COMPOSITIONS = {
-    ("dense", "prune"),
-    ("dense", "lowrank"),
-    ("dense", "kronecker"),
-    ("lowrank", "prune"),
-}
-
-
-@dataclass
-class _Virtual:
-    """What a module would be at some point of the recipe: its kind and dense shape."""
-
-    kind: str  # "dense" or a layer method
-    out_features: int
-    in_features: int
-    rank: int | None = None  # for a low-rank layer, when known before the SVD
-    factors_pruned: bool = False
-
-
-@dataclass
-class _Op:
-    stage_index: int
-    stage: Stage  # with the module's overrides applied
-    module_name: str
-    acts_on: str  # the kind of module the stage meets
+from hfcompress.recipe import Recipe, RecipeError
+from hfcompress.registry import compositions, get_method, needs_calibration
+from hfcompress.stage import StageBase
+from hfcompress.swap import Operation
 
 
 def _is_dense(module: nn.Module) -> bool:
@@ -62,14 +28,13 @@ def _is_dense(module: nn.Module) -> bool:
     return True
 
 
-def _virtual_of(module: nn.Module) -> _Virtual | None:
+def planned_of(module: nn.Module) -> Planned | None:
+    """What validation sees of a module: a dense Linear/Conv1D or a compressed layer's plan."""
     if isinstance(module, CompressedLayer):
-        rank = module.rank if isinstance(module, LowRankLinear) else None
-        pruned = isinstance(module, LowRankLinear) and isinstance(module.u, PrunedLinear)
-        return _Virtual(module.method, module.out_features, module.in_features, rank, pruned)
+        return module.planned()
     if _is_dense(module):
         W = dense_weight_of(module)
-        return _Virtual("dense", W.shape[0], W.shape[1])
+        return Planned("dense", W.shape[0], W.shape[1])
     return None
 
 
@@ -79,14 +44,14 @@ def compressible_modules(model: nn.Module) -> list[str]:
     return list(_units(model))
 
 
-def _units(model: nn.Module) -> dict[str, _Virtual]:
+def _units(model: nn.Module) -> dict[str, Planned]:
     """Modules a stage may act on: Linear/Conv1D and compressed layers (not their insides)."""
-    units: dict[str, _Virtual] = {}
+    units: dict[str, Planned] = {}
     inside: list[str] = []
     for name, module in model.named_modules():
         if any(name.startswith(prefix + ".") for prefix in inside):
             continue
-        virtual = _virtual_of(module)
+        virtual = planned_of(module)
         if virtual is not None:
             units[name] = virtual
             inside.append(name)
@@ -111,55 +76,34 @@ def tied_modules(model: nn.Module) -> dict[str, str]:
     return tied
 
 
-def _excluded(name: str, recipe: Recipe, stage: Stage) -> bool:
+def _excluded(name: str, recipe: Recipe, stage: StageBase) -> bool:
     return any(
         pattern is not None and fullmatch(pattern, name, "exclude")
         for pattern in (recipe.exclude, stage.exclude)
     )
 
 
-def _check_op(op: _Op, virtual: _Virtual) -> _Virtual:
+def _check_op(op: Operation, planned: Planned) -> Planned:
     """Validate one stage on one module against its shape; return what the module becomes.
 
-    Structural checks reuse the layers' own constructors on the meta device, so a recipe is
-    held to exactly the rules the layers enforce.
+    The composition rule comes from the registry (the methods' ``after``); the shape rules
+    from the method's ``plan``, which reuses the layers' own constructors on the meta device.
     """
-    method = op.stage.method
-    if (virtual.kind, method) not in SUPPORTED_COMPOSITIONS or virtual.factors_pruned:
-        before = "low-rank with pruned factors" if virtual.factors_pruned else virtual.kind
-        raise InvalidParameterError(
-            f"method: {method!r} after {before!r} is not supported; supported: "
-            "prune, lowrank or kronecker on a dense Linear/Conv1D, and prune after lowrank "
-            "(prunes the factors U and V)"
+    method = get_method(op.stage.method_name)
+    if planned.kind not in method.after or planned.info.get("factors_compressed"):
+        before = planned.kind + (
+            " with compressed factors" if planned.info.get("factors_compressed") else ""
         )
-    params = op.stage.layer_params()
-    out_f, in_f = virtual.out_features, virtual.in_features
-    if method == "kronecker":
-        KroneckerLinear(in_f, out_f, params["a_shape"], params["terms"], device="meta")
-        return _Virtual("kronecker", out_f, in_f)
-    if method == "lowrank":
-        rank = params.get("rank")
-        if rank is not None:
-            LowRankLinear(in_f, out_f, rank, device="meta")
-        elif "ratio" in params:
-            rank = max(1, min(int(params["ratio"] * out_f * in_f / (out_f + in_f)), out_f, in_f))
-        return _Virtual("lowrank", out_f, in_f, rank)
-    prune = {"pattern": params["pattern"], "sparsity": params["sparsity"]}
-    if virtual.kind == "lowrank":
-        if virtual.rank is None:
-            # energy-chosen rank: only N:M divisibility of the rank is unknown until the SVD
-            PrunedLinear(in_f, 1, **prune, device="meta")
-        else:
-            PrunedLinear(virtual.rank, out_f, **prune, device="meta")  # U: [out, r]
-            PrunedLinear(in_f, virtual.rank, **prune, device="meta")  # V: [r, in]
-        return _Virtual("lowrank", out_f, in_f, virtual.rank, factors_pruned=True)
-    PrunedLinear(in_f, out_f, **prune, device="meta")
-    return _Virtual("prune", out_f, in_f)
+        supported = ", ".join(f"{m} after {k}" for k, m in sorted(compositions()))
+        raise InvalidParameterError(
+            f"method: {method.name!r} after {before!r} is not supported; supported: {supported}"
+        )
+    return method.plan(op.stage, planned)
 
 
 def plan_compression(
     model: nn.Module, recipe: Recipe | dict | str, *, calibrated: bool = False
-) -> tuple[list[_Op], list[tuple[str, str]]]:
+) -> tuple[list[Operation], list[tuple[str, str]]]:
     """Validate the whole recipe against the model without changing it.
 
     Args:
@@ -177,12 +121,12 @@ def plan_compression(
     recipe = Recipe.load(recipe)
     units = _units(model)
     tied = tied_modules(model)
-    ops: list[_Op] = []
+    ops: list[Operation] = []
     skipped: dict[str, str] = {}
     errors: list[str] = []
     per_module: dict[tuple[str, str], list[str]] = {}  # (stage, message) -> modules
     for index, stage in enumerate(recipe.stages):
-        where = f"stages[{index}]({stage.method})"
+        where = f"stages[{index}]({stage.method_name})"
         targeted = select(stage.targets, units, f"{where}.targets")
         matched = [n for n in targeted if not _excluded(n, recipe, stage)]
         eligible = []
@@ -198,7 +142,7 @@ def plan_compression(
             errors.append(_no_match_message(where, stage.targets, units, targeted, matched))
             continue
         for name in eligible:
-            op = _Op(index, stage.settings_for(name), name, units[name].kind)
+            op = Operation(index, stage.settings_for(name), name, units[name].kind)
             try:
                 _check_criterion(op, calibrated)
                 units[name] = _check_op(op, units[name])
@@ -222,9 +166,9 @@ def _module_message(where: str, message: str, names: list[str]) -> str:
     return f"{where}, {len(names)} modules ({few}): {message}"
 
 
-def _check_criterion(op: _Op, calibrated: bool) -> None:
+def _check_criterion(op: Operation, calibrated: bool) -> None:
     stage = op.stage
-    if not stage.needs_calibration:
+    if not needs_calibration(stage):
         return
     if not calibrated:
         raise RecipeError(
@@ -238,8 +182,8 @@ def _check_criterion(op: _Op, calibrated: bool) -> None:
         )
 
 
-def _check_layer_stack(model: nn.Module, ops: list[_Op]) -> list[str]:
-    names = sorted({op.module_name for op in ops if op.stage.needs_calibration})
+def _check_layer_stack(model: nn.Module, ops: list[Operation]) -> list[str]:
+    names = sorted({op.module_name for op in ops if needs_calibration(op.stage)})
     if not names:
         return []
     try:
@@ -250,7 +194,7 @@ def _check_layer_stack(model: nn.Module, ops: list[_Op]) -> list[str]:
 
 
 def _no_match_message(
-    where: str, targets: str, units: dict[str, _Virtual], targeted: list[str], matched: list[str]
+    where: str, targets: str, units: dict[str, Planned], targeted: list[str], matched: list[str]
 ) -> str:
     if matched:
         return f"{where}.targets: {targets!r} matches only tied modules {matched}"

@@ -8,13 +8,11 @@ cores (2:4 on Ampere and later) accelerate.
 from __future__ import annotations
 
 import math
-import re
 
 import torch
 
+from hfcompress.decompose.patterns import parse_nm_pattern
 from hfcompress.errors import InvalidParameterError
-
-_NM_PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 
 def _check_sparsity(sparsity: float) -> None:
@@ -53,27 +51,8 @@ def magnitude_mask(W: torch.Tensor, sparsity: float) -> torch.Tensor:
     return mask.view_as(W)
 
 
-def parse_nm_pattern(pattern: str) -> tuple[int, int]:
-    """Parse ``"N:M"`` into ``(n, m)``, requiring 1 ≤ N < M.
-
-    Raises:
-        InvalidParameterError: the pattern is not ``"N:M"`` with 1 ≤ N < M.
-    """
-    match = _NM_PATTERN.match(pattern) if isinstance(pattern, str) else None
-    if match is None:
-        raise InvalidParameterError(
-            f"pattern={pattern!r}: expected 'unstructured' or 'N:M' such as '2:4'"
-        )
-    n, m = int(match.group(1)), int(match.group(2))
-    _check_nm(n, m)
-    return n, m
-
-
 def _check_nm(n: int, m: int) -> None:
-    if not 1 <= n < m:
-        raise InvalidParameterError(
-            f"N:M pattern {n}:{m}: expected 1 ≤ N < M (keep N weights in every group of M)"
-        )
+    parse_nm_pattern(f"{n}:{m}")
 
 
 def nm_mask(W: torch.Tensor, n: int, m: int) -> torch.Tensor:

@@ -1,7 +1,17 @@
-"""Compressed drop-in replacements for ``nn.Linear`` and GPT-2's ``Conv1D``, one file per type."""
+"""Compressed drop-in replacements for ``nn.Linear`` and GPT-2's ``Conv1D``.
+
+What every layer shares lives in :mod:`hfcompress.layers.base`; each layer class lives with its
+method (``hfcompress.methods.<name>.layer``) and is importable from here too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
 
 from hfcompress.layers.base import (
     CompressedLayer,
+    LazyWeight,
+    count_parameters,
     dense_weight_of,
     get_layer_class,
     layer_from_spec,
@@ -11,15 +21,22 @@ from hfcompress.layers.base import (
     registered_methods,
     source_kind,
 )
-from hfcompress.layers.kronecker import KroneckerLinear
-from hfcompress.layers.low_rank import LowRankLinear
-from hfcompress.layers.pruned import PrunedLinear
+
+# The built-in layers live with their methods, which import this package's base: resolved on
+# first access so that importing ``hfcompress.layers.base`` from a method never cycles.
+_METHOD_LAYERS = {
+    "PrunedLinear": "hfcompress.methods.prune.layer",
+    "LowRankLinear": "hfcompress.methods.lowrank.layer",
+    "KroneckerLinear": "hfcompress.methods.kronecker.layer",
+}
 
 __all__ = [
     "CompressedLayer",
     "KroneckerLinear",
+    "LazyWeight",
     "LowRankLinear",
     "PrunedLinear",
+    "count_parameters",
     "dense_weight_of",
     "get_layer_class",
     "layer_from_spec",
@@ -29,3 +46,11 @@ __all__ = [
     "registered_methods",
     "source_kind",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _METHOD_LAYERS:
+        import importlib
+
+        return getattr(importlib.import_module(_METHOD_LAYERS[name]), name)
+    raise AttributeError(f"module 'hfcompress.layers' has no attribute {name!r}")

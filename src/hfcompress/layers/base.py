@@ -8,11 +8,13 @@ once, here, when a layer is built, and transposed back by ``to_dense``.
 from __future__ import annotations
 
 from abc import ABCMeta, abstractmethod
-from collections.abc import Callable
-from typing import ClassVar, Literal, TypeVar
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, TypeVar
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 from transformers.pytorch_utils import Conv1D
 
 from hfcompress.errors import HfCompressError, UnsupportedModuleError
@@ -25,8 +27,35 @@ _LAYER_REGISTRY: dict[str, type[CompressedLayer]] = {}
 C = TypeVar("C", bound="CompressedLayer")
 
 
+def register_layer_class(cls: type[C]) -> type[C]:
+    """Register a layer class under its ``method`` class attribute (used to rebuild specs).
+
+    ``hfcompress.registry.register_method`` calls this for the method's layers.
+
+    Raises:
+        HfCompressError: no ``method`` attribute, or the name is taken by another class.
+    """
+    method = getattr(cls, "method", None)
+    if not isinstance(method, str):
+        raise HfCompressError(f"{cls.__name__}: a layer class needs a `method: ClassVar[str]`")
+    if _LAYER_REGISTRY.get(method, cls) is not cls:
+        raise HfCompressError(
+            f"method {method!r} is already registered to {_LAYER_REGISTRY[method].__name__}"
+        )
+    _LAYER_REGISTRY[method] = cls
+    return cls
+
+
+def unregister_layer_class(cls: type[CompressedLayer]) -> None:
+    if _LAYER_REGISTRY.get(cls.method) is cls:
+        del _LAYER_REGISTRY[cls.method]
+
+
 def register_layer(method: str) -> Callable[[type[C]], type[C]]:
-    """Class decorator registering a compressed layer under its recipe ``method`` name.
+    """Class decorator: set ``cls.method`` and register the class for rebuilding from specs.
+
+    A layer registered this way can be loaded from a checkpoint; to make it a recipe method,
+    register a :class:`hfcompress.registry.Method` (which registers its layers itself).
 
     Raises:
         HfCompressError: the name is already taken.
@@ -38,8 +67,7 @@ def register_layer(method: str) -> Callable[[type[C]], type[C]]:
                 f"method {method!r} is already registered to {_LAYER_REGISTRY[method].__name__}"
             )
         cls.method = method
-        _LAYER_REGISTRY[method] = cls
-        return cls
+        return register_layer_class(cls)
 
     return decorate
 
@@ -109,6 +137,24 @@ def make_dense(
     if bias is not None:
         dense.bias.data = bias.detach().clone()
     return dense
+
+
+@dataclass(frozen=True)
+class Planned:
+    """What a module would be at some point of a recipe, as validation sees it.
+
+    Attributes:
+        kind: ``"dense"`` or the method whose layer it is.
+        out_features, in_features: its dense shape.
+        info: what the method that made it tells later stages: ``factors`` {name: (out, in)}
+            for a factored layer (None while unknown, as for an energy-chosen rank), and
+            ``factors_compressed`` once a later stage compressed them.
+    """
+
+    kind: str
+    out_features: int
+    in_features: int
+    info: Mapping[str, Any] = field(default_factory=dict)
 
 
 class CompressedLayer(nn.Module, metaclass=ABCMeta):
@@ -183,6 +229,110 @@ class CompressedLayer(nn.Module, metaclass=ABCMeta):
     def nonzero_param_count(self) -> int:
         """Parameters that can be non-zero (masked entries excluded)."""
         return sum(int(p.numel()) for p in self.parameters())
+
+    def planned(self) -> Planned:
+        """What validation sees of this layer (see :class:`Planned`)."""
+        factors = self.factors()
+        info: dict[str, Any] = {}
+        if factors:
+            info["factors"] = {n: (f.out_features, f.in_features) for n, f in factors.items()}
+            info["factors_compressed"] = any(
+                isinstance(f, CompressedLayer) for f in factors.values()
+            )
+        return Planned(self.method, self.out_features, self.in_features, info)
+
+    def factors(self) -> dict[str, nn.Module]:
+        """The factor modules a later stage may compress in turn ({} if none; low rank: u, v)."""
+        return {}
+
+    def with_factors(self, factors: dict[str, nn.Module]) -> CompressedLayer:
+        """A new layer of this structure holding ``factors`` (for layers that have factors)."""
+        raise HfCompressError(f"{type(self).__name__} has no factors to replace")
+
+    def report_settings(self) -> dict[str, object]:
+        """The settings the compression report shows for this layer."""
+        return dict(self.compression_params())
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Parameters of a module that can be non-zero: a compressed layer's masked entries excluded.
+
+    The one parameter count of hfcompress (reports, planner, evaluation). Shared tensors are
+    counted once.
+    """
+    seen: set[int] = set()
+    total = 0
+
+    def visit(m: nn.Module) -> None:
+        nonlocal total
+        if isinstance(m, CompressedLayer):
+            ids = {id(p) for p in m.parameters()}
+            if not ids & seen:
+                seen.update(ids)
+                total += m.nonzero_param_count()
+            return
+        for p in m.parameters(recurse=False):
+            if id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel()
+        for child in m.children():
+            visit(child)
+
+    visit(module)
+    return total
+
+
+class LazyWeight(torch.Tensor):
+    """A compressed layer's dense W: [out, in] that costs nothing until its values are used.
+
+    Reading ``dtype``, ``shape``, ``device`` (what HF code such as T5's feed-forward does on
+    every forward) touches no data: the tensor is a stride-0 view of one element. Any other
+    operation computes W with ``compute()`` and runs on that, so values are always right.
+    """
+
+    _compute: Callable[[], torch.Tensor]
+
+    @staticmethod
+    def __new__(
+        cls, compute: Callable[[], torch.Tensor], shape: tuple[int, int], like: torch.Tensor
+    ) -> LazyWeight:
+        base = torch.empty((), dtype=like.dtype, device=like.device).expand(shape)
+        tensor = torch.Tensor._make_subclass(cls, base, False)
+        tensor._compute = compute
+        return tensor
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func not in _METADATA:
+            args, kwargs = tree_map(_materialize, (args, kwargs))
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **kwargs)
+
+
+def _materialize(value: object) -> object:
+    return value._compute() if isinstance(value, LazyWeight) else value
+
+
+# Tensor attributes and methods that read metadata only: answered without computing W.
+_METADATA = frozenset(
+    {
+        torch.Tensor.dtype.__get__,
+        torch.Tensor.shape.__get__,
+        torch.Tensor.device.__get__,
+        torch.Tensor.ndim.__get__,
+        torch.Tensor.layout.__get__,
+        torch.Tensor.is_cuda.__get__,
+        torch.Tensor.is_meta.__get__,
+        torch.Tensor.requires_grad.__get__,
+        torch.Tensor.size,
+        torch.Tensor.dim,
+        torch.Tensor.numel,
+        torch.Tensor.element_size,
+        torch.Tensor.is_floating_point,
+        torch.Tensor.get_device,
+    }
+)
 
 
 def module_spec(module: nn.Module) -> dict[str, object]:

@@ -16,41 +16,17 @@ from hfcompress.decompose.svd import SvdMethod, check_rank, svd_factors
 from hfcompress.errors import InvalidParameterError
 from hfcompress.layers.base import (
     CompressedLayer,
+    LazyWeight,
     SourceKind,
+    count_parameters,
     dense_weight_of,
     layer_from_spec,
     module_spec,
-    register_layer,
     source_kind,
 )
-from hfcompress.layers.pruned import BITMASK_SUFFIX, PrunedLinear
+from hfcompress.methods.lowrank.format import follow_saved_rank
 
 
-def _saved_rank(state_dict: dict[str, torch.Tensor], prefix: str) -> int | None:
-    """The rank of the factors in a state dict: V is [r, in], or its bitmask [r, ⌈in/8⌉]."""
-    for key in (prefix + "v." + BITMASK_SUFFIX, prefix + "v.weight"):
-        tensor = state_dict.get(key)
-        if tensor is not None and tensor.ndim == 2:
-            return int(tensor.shape[0])
-    return None
-
-
-def _follow_saved_rank(
-    module: LowRankLinear, state_dict: dict[str, torch.Tensor], prefix: str, *args: object
-) -> None:
-    """Let ``load_state_dict`` restore a rank lowered in training (resuming a checkpoint).
-
-    The saved factors decide the rank; the on-disk marker under the dense key is dropped.
-    """
-    marker = state_dict.get(prefix + "weight")
-    if marker is not None and marker.numel() == 0:
-        del state_dict[prefix + "weight"]
-    rank = _saved_rank(state_dict, prefix)
-    if rank is not None and rank != module.rank:
-        module.resize_rank_(rank)
-
-
-@register_layer("lowrank")
 class LowRankLinear(CompressedLayer):
     """y = (x·Vᵀ)·Uᵀ + b with U: [out, r] (``u.weight``) and V: [r, in] (``v.weight``).
 
@@ -63,6 +39,8 @@ class LowRankLinear(CompressedLayer):
         153
         >>> layer.truncate(64)
     """
+
+    method = "lowrank"
 
     def __init__(
         self,
@@ -80,7 +58,7 @@ class LowRankLinear(CompressedLayer):
         check_rank(rank, out_features, in_features)
         self.v = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
         self.u = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
-        self.register_load_state_dict_pre_hook(_follow_saved_rank)
+        self.register_load_state_dict_pre_hook(follow_saved_rank)
 
     @classmethod
     def from_module(
@@ -174,12 +152,41 @@ class LowRankLinear(CompressedLayer):
 
     @property
     def weight(self) -> torch.Tensor:
-        """W = U·V: [out, in], materialized on each access; forward never uses it.
+        """W = U·V: [out, in] as a :class:`LazyWeight`; forward never uses it.
 
-        For code that inspects ``module.weight`` of a Linear (T5 reads its dtype every forward,
-        initializers touch it). Writing into it changes nothing: train the factors instead.
+        For code that inspects ``module.weight`` of a Linear: T5 reads its dtype on every
+        forward, which costs nothing here; only an operation on the values computes U·V.
+        Writing into it changes nothing: train the factors instead.
         """
-        return self.dense_weight()
+        return LazyWeight(self.dense_weight, (self.out_features, self.in_features), self.v.weight)
+
+    def factors(self) -> dict[str, nn.Module]:
+        return {"u": self.u, "v": self.v}
+
+    def with_factors(self, factors: dict[str, nn.Module]) -> LowRankLinear:
+        """A new low-rank layer of the same structure holding the given ``u`` / ``v`` modules."""
+        shell = LowRankLinear(
+            self.in_features,
+            self.out_features,
+            self.rank,
+            bias=self.u.bias is not None,
+            source=self.source,
+            device="meta",
+        )
+        for name, module in factors.items():
+            setattr(shell, name, module)
+        return shell
+
+    def nonzero_param_count(self) -> int:
+        return sum(count_parameters(f) for f in self.factors().values())
+
+    def report_settings(self) -> dict[str, object]:
+        settings = dict(self.compression_params())
+        for factor in self.factors().values():
+            if isinstance(factor, CompressedLayer):
+                settings.update({f"factor_{k}": v for k, v in factor.compression_params().items()})
+                break
+        return settings
 
     @property
     def bias(self) -> torch.Tensor | None:
@@ -251,10 +258,11 @@ class LowRankLinear(CompressedLayer):
         has_bias = self.u.bias is not None
         u = nn.Linear(rank, self.out_features, bias=has_bias, **factory)
         v = nn.Linear(self.in_features, rank, bias=False, **factory)
-        if isinstance(self.u, PrunedLinear):
-            u = PrunedLinear.from_module(u, **self.u.compression_params())
-        if isinstance(self.v, PrunedLinear):
-            v = PrunedLinear.from_module(v, **self.v.compression_params())
+        # a compressed factor (pruned by a later stage) is rebuilt as the same kind of layer
+        if isinstance(self.u, CompressedLayer):
+            u = type(self.u).from_module(u, **self.u.compression_params())
+        if isinstance(self.v, CompressedLayer):
+            v = type(self.v).from_module(v, **self.v.compression_params())
         self.u, self.v = u, v
 
     def _replace_factors(self, U: torch.Tensor, V: torch.Tensor) -> None:

@@ -10,7 +10,7 @@ from torch import nn
 
 from conftest import linear_and_conv1d
 from hfcompress import InvalidParameterError, KroneckerLinear
-from hfcompress.layers.kronecker import contraction_costs
+from hfcompress.methods.kronecker.layer import contraction_costs
 
 dims = st.integers(1, 5)
 
@@ -83,7 +83,7 @@ def test_contraction_order_follows_cost():
 
 
 def test_forward_never_builds_the_dense_weight(monkeypatch):
-    import hfcompress.layers.kronecker as module
+    import hfcompress.methods.kronecker.layer as module
 
     def forbidden(*args, **kwargs):
         raise AssertionError("forward must not materialize W")

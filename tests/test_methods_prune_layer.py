@@ -82,7 +82,7 @@ def test_zero_sparsity_keeps_everything():
     [
         ({"sparsity": 1.0}, "sparsity=1.0"),
         ({"sparsity": -0.1}, "sparsity=-0.1"),
-        ({}, "sparsity=None"),
+        ({}, "sparsity: required"),
         ({"pattern": "4:4"}, "N < M"),
         ({"pattern": "5:4"}, "N < M"),
         ({"pattern": "2:4", "sparsity": 0.3}, "implies sparsity 0.5"),

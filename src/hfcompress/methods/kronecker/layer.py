@@ -18,11 +18,12 @@ from torch import nn
 
 from hfcompress.decompose.kronecker import b_shape_for, kronecker_sum, nearest_kronecker
 from hfcompress.errors import InvalidParameterError
+from hfcompress.formats import drop_marker
 from hfcompress.layers.base import (
     CompressedLayer,
+    LazyWeight,
     SourceKind,
     dense_weight_of,
-    register_layer,
     source_kind,
 )
 
@@ -90,16 +91,6 @@ def _apply_b_first(
 _APPLY = {"a_first": _apply_a_first, "b_first": _apply_b_first}
 
 
-def _drop_marker(
-    module: nn.Module, state_dict: dict[str, torch.Tensor], prefix: str, *args: object
-) -> None:
-    """Drop the empty on-disk marker saved under the dense key (``<prefix>weight``)."""
-    marker = state_dict.get(prefix + "weight")
-    if marker is not None and marker.numel() == 0:
-        del state_dict[prefix + "weight"]
-
-
-@register_layer("kronecker")
 class KroneckerLinear(CompressedLayer):
     """y = x·(Σₖ Aₖ ⊗ Bₖ)ᵀ + b with A: [k, m1, n1] and B: [k, m2, n2].
 
@@ -111,6 +102,8 @@ class KroneckerLinear(CompressedLayer):
         >>> layer.B.shape
         torch.Size([1, 4, 1])
     """
+
+    method = "kronecker"
 
     def __init__(
         self,
@@ -138,7 +131,7 @@ class KroneckerLinear(CompressedLayer):
         self.A = nn.Parameter(torch.zeros(terms, *a_shape, **factory))
         self.B = nn.Parameter(torch.zeros(terms, *b_shape, **factory))
         self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
-        self.register_load_state_dict_pre_hook(_drop_marker)
+        self.register_load_state_dict_pre_hook(drop_marker)
         costs = contraction_costs(a_shape, b_shape, terms)
         self.order: ContractionOrder = min(costs, key=costs.__getitem__)
 
@@ -217,12 +210,12 @@ class KroneckerLinear(CompressedLayer):
 
     @property
     def weight(self) -> torch.Tensor:
-        """W = Σₖ Aₖ ⊗ Bₖ: [out, in], materialized on each access; forward never uses it.
+        """W = Σₖ Aₖ ⊗ Bₖ: [out, in] as a :class:`LazyWeight`; forward never uses it.
 
-        For code that inspects ``module.weight`` of a Linear (dtype checks, initializers).
-        Writing into it changes nothing: train A and B instead.
+        For code that inspects ``module.weight`` of a Linear (dtype checks cost nothing; only an
+        operation on the values computes W). Writing into it changes nothing: train A and B.
         """
-        return self.dense_weight()
+        return LazyWeight(self.dense_weight, (self.out_features, self.in_features), self.A)
 
     @property
     def a_shape(self) -> tuple[int, int]:

@@ -9,75 +9,26 @@ pattern lock of Prune Once For All (Zafrir et al., 2021).
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hfcompress.decompose.masks import (
-    magnitude_mask,
-    nm_mask,
-    pack_bitmask,
+from hfcompress.decompose.masks import magnitude_mask, nm_mask
+from hfcompress.decompose.patterns import (
+    UNSTRUCTURED,
+    check_nm_divides,
+    normalize_pattern,
     parse_nm_pattern,
-    unpack_bitmask,
+    resolve_sparsity,
 )
 from hfcompress.errors import HfCompressError, InvalidParameterError
 from hfcompress.layers.base import (
     CompressedLayer,
     SourceKind,
     dense_weight_of,
-    register_layer,
     source_kind,
 )
-
-UNSTRUCTURED = "unstructured"
-BITMASK_SUFFIX = "weight_bitmask"
-
-
-def normalize_pattern(pattern: str) -> str:
-    """``"unstructured"`` or a canonical ``"N:M"``.
-
-    Raises:
-        InvalidParameterError: anything else, or N ≥ M.
-    """
-    if pattern == UNSTRUCTURED:
-        return pattern
-    n, m = parse_nm_pattern(pattern)
-    return f"{n}:{m}"
-
-
-def resolve_sparsity(pattern: str, sparsity: float | None) -> float:
-    """The sparsity a pattern implies: given for unstructured, 1 − N/M for N:M.
-
-    Raises:
-        InvalidParameterError: unstructured without a sparsity, or an N:M sparsity that
-            contradicts its pattern.
-    """
-    if pattern == UNSTRUCTURED:
-        if sparsity is None:
-            raise InvalidParameterError(
-                "sparsity=None: an unstructured pattern needs a sparsity in [0, 1)"
-            )
-        return sparsity
-    n, m = parse_nm_pattern(pattern)
-    implied = 1.0 - n / m
-    if sparsity is not None and abs(sparsity - implied) > 1e-9:
-        raise InvalidParameterError(
-            f"sparsity={sparsity!r}: the pattern {pattern!r} implies sparsity {implied:g}; "
-            "leave sparsity out or give that value"
-        )
-    return implied
-
-
-def _check_nm_divides(pattern: str, in_features: int) -> None:
-    if pattern != UNSTRUCTURED:
-        m = parse_nm_pattern(pattern)[1]
-        if in_features % m:
-            raise InvalidParameterError(
-                f"pattern={pattern!r}: N:M groups run along the input dimension, which "
-                f"must be divisible by {m}; got in_features={in_features}"
-            )
+from hfcompress.methods.prune.format import accept_compact_weights
 
 
 def compute_mask(W: torch.Tensor, pattern: str, sparsity: float) -> torch.Tensor:
@@ -88,57 +39,11 @@ def compute_mask(W: torch.Tensor, pattern: str, sparsity: float) -> torch.Tensor
     return nm_mask(W, n, m)
 
 
-def sparse_encode(weight: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W [out, in], mask) -> (values [nnz] in row-major order, packed bitmask)."""
-    return weight.detach()[mask].contiguous(), pack_bitmask(mask)
-
-
-def sparse_decode(
-    values: torch.Tensor, packed: torch.Tensor, in_features: int, name: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values, packed bitmask) -> (W [out, in] with zeros where pruned, mask)."""
-    if (
-        packed.dtype != torch.uint8
-        or packed.ndim != 2
-        or packed.shape[1] != math.ceil(in_features / 8)
-    ):
-        raise InvalidParameterError(
-            f"{name}.{BITMASK_SUFFIX}: expected uint8 [out, {math.ceil(in_features / 8)}], "
-            f"got {packed.dtype} {list(packed.shape)}"
-        )
-    mask = unpack_bitmask(packed, in_features)
-    if values.ndim != 1 or values.numel() != int(mask.sum()):
-        raise InvalidParameterError(
-            f"{name}.weight: expected {int(mask.sum())} values (the bitmask's set bits), "
-            f"got shape {list(values.shape)}"
-        )
-    weight = values.new_zeros(mask.shape)
-    weight[mask] = values
-    return weight, mask
-
-
-def _accept_compact_weights(
-    module: PrunedLinear, state_dict: dict[str, torch.Tensor], prefix: str, *args: object
-) -> None:
-    """``load_state_dict`` accepts the on-disk form too: 1-D values + packed bitmask.
-
-    ``Trainer(resume_from_checkpoint=...)`` loads a saved hfcompress checkpoint this way.
-    """
-    packed = state_dict.pop(prefix + BITMASK_SUFFIX, None)
-    values = state_dict.get(prefix + "weight")
-    if packed is None or values is None or values.ndim != 1:
-        return
-    weight, mask = sparse_decode(values, packed, module.in_features, prefix.rstrip("."))
-    state_dict[prefix + "weight"] = weight
-    state_dict[prefix + "mask"] = mask
-
-
 def _zero_masked_after_load(module: PrunedLinear, incompatible_keys: object) -> None:
     with torch.no_grad():
         module.apply_mask_()
 
 
-@register_layer("prune")
 class PrunedLinear(CompressedLayer):
     """y = x·(W ⊙ M)ᵀ + b with W: [out, in] and a boolean mask M: [out, in].
 
@@ -151,6 +56,7 @@ class PrunedLinear(CompressedLayer):
         >>> layer = PrunedLinear.from_module(nn.Linear(64, 32), pattern="2:4")
     """
 
+    method = "prune"
     mask: torch.Tensor
 
     def __init__(
@@ -169,14 +75,14 @@ class PrunedLinear(CompressedLayer):
         self._init_common(in_features, out_features, source)
         self.pattern = normalize_pattern(pattern)
         self.sparsity = resolve_sparsity(self.pattern, sparsity)
-        _check_nm_divides(self.pattern, in_features)
+        check_nm_divides(self.pattern, in_features)
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.zeros(out_features, in_features, **factory))
         self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
         self.register_buffer(
             "mask", torch.ones(out_features, in_features, dtype=torch.bool, device=device)
         )
-        self.register_load_state_dict_pre_hook(_accept_compact_weights)
+        self.register_load_state_dict_pre_hook(accept_compact_weights)
         # keep the invariant the no-grad forward relies on: masked weights are exact zeros
         self.register_load_state_dict_post_hook(_zero_masked_after_load)
 
@@ -203,7 +109,7 @@ class PrunedLinear(CompressedLayer):
         W = dense_weight_of(module)
         pattern = normalize_pattern(pattern)
         sparsity = resolve_sparsity(pattern, sparsity)
-        _check_nm_divides(pattern, W.shape[1])
+        check_nm_divides(pattern, W.shape[1])
         mask = compute_mask(W, pattern, sparsity)
         return cls.from_weight(W, mask, module.bias, source_kind(module), pattern, sparsity)
 
