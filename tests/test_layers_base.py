@@ -149,7 +149,17 @@ def test_registry_lists_methods_and_refuses_duplicates():
         register_layer("prune")(PrunedLinear)
 
 
-def test_layers_are_compressed_layers():
+def test_every_registered_layer_replaces_a_conv1d_exactly_at_full_size():
     _, conv = linear_and_conv1d(OUT, IN)
-    assert isinstance(LowRankLinear.from_module(conv, rank=2), CompressedLayer)
-    assert isinstance(conv, Conv1D)
+    x = torch.randn(3, IN)
+    reference = x @ conv.weight + conv.bias  # Conv1D's own layout: W is [in, out]
+    full = {
+        "prune": {"sparsity": 0.0},
+        "lowrank": {"rank": min(OUT, IN)},
+        "kronecker": {"a_shape": (OUT, IN)},
+    }
+    for method, params in full.items():
+        layer = get_layer_class(method).from_module(conv, **params)
+        assert isinstance(layer, CompressedLayer) and layer.source == "conv1d"
+        torch.testing.assert_close(layer(x), reference, rtol=1e-4, atol=1e-5, msg=method)
+        assert isinstance(layer.to_dense(), Conv1D)

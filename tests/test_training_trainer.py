@@ -197,7 +197,7 @@ def test_progressive_rank_shrinks_parameters_on_schedule(tmp_path):
     per_rank = sum(m.in_features + m.out_features for m in lowrank)
     assert counts[4] - counts[5] == 4 * per_rank  # rank 8 -> 4 in every layer
     assert counts[5] - counts[10] == 2 * per_rank
-    assert layer is not layer_ref() or layer.rank == 2
+    assert layer is layer_ref() and layer.rank == 2  # truncated in place, not replaced
     params = {id(p) for p in student.parameters()}
     optimizer_params = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
     assert params == optimizer_params  # the optimizer follows the new factors

@@ -22,7 +22,8 @@ late layers differently). It is given as a dict, a :class:`Recipe`, or a JSON/YA
     exclude: 'lm_head'
 
 This module validates everything that can be checked without the model; ``compress_model``
-checks the rest (shapes, ranks, divisibility) against the model before touching it. No torch here.
+checks the rest (shapes, ranks, divisibility) against the model before touching it. Each
+stage is validated by the class its method registered (``hfcompress.registry``).
 """
 
 from __future__ import annotations
