@@ -7,9 +7,14 @@ so ``AutoModel*.from_pretrained`` rebuilds compressed checkpoints.
 from hfcompress import methods  # noqa: F401 - registers the built-in methods
 from hfcompress._version import __version__
 from hfcompress.errors import (
+    CalibrationError,
+    DecompositionError,
+    FrozenLayerError,
     HfCompressError,
     InvalidParameterError,
     RecipeError,
+    RegistrationError,
+    UnknownMethodError,
     UnsupportedModuleError,
 )
 from hfcompress.inference import freeze, model_bytes, unfreeze
@@ -28,10 +33,13 @@ from hfcompress.surgery import (
 )
 
 __all__ = [
+    "CalibrationError",
     "CheckpointError",
     "CompressedLayer",
     "CompressionReport",
     "Criterion",
+    "DecompositionError",
+    "FrozenLayerError",
     "HfCompressConfig",
     "HfCompressError",
     "InvalidParameterError",
@@ -41,6 +49,8 @@ __all__ = [
     "PrunedLinear",
     "Recipe",
     "RecipeError",
+    "RegistrationError",
+    "UnknownMethodError",
     "UnsupportedModuleError",
     "__version__",
     "compress_model",

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from hfcompress.errors import HfCompressError, InvalidParameterError
+from hfcompress.errors import CalibrationError, InvalidParameterError
 from hfcompress.layers.base import source_kind
 from hfcompress.registry import ROW_WEIGHT_NEEDS, criterion_of, needs_calibration
 from hfcompress.stats import InputStats, LayerStats
@@ -103,7 +103,7 @@ def layer_stack(model: nn.Module, module_names: Iterable[str]) -> tuple[str, nn.
             if inside and (best is None or len(prefix) > len(best[0])):
                 best = (prefix, module)
     if best is None:
-        raise HfCompressError(
+        raise CalibrationError(
             f"calibration: data-aware criteria need their modules inside one stack of layers "
             f"(an nn.ModuleList such as model.layers); these are not: {names[:4]}"
         )
@@ -264,7 +264,7 @@ def fisher_row_importance(
             for name, module in modules.items():
                 grad = module.weight.grad
                 if grad is None:
-                    raise HfCompressError(f"fisher: module {name!r} received no gradient")
+                    raise CalibrationError(f"fisher: module {name!r} received no gradient")
                 grad = (grad.T if source_kind(module) == "conv1d" else grad).float()  # [out, in]
                 rows = grad.square().sum(1)
                 importance[name] = rows if importance[name] is None else importance[name] + rows
@@ -326,7 +326,7 @@ def output_gradient_energy(
         model.train(was_training)
     missing = [n for n in module_names if n not in energy]
     if missing:
-        raise HfCompressError(f"output gradients: modules {missing[:4]} received no gradient")
+        raise CalibrationError(f"output gradients: modules {missing[:4]} received no gradient")
     return energy
 
 
@@ -353,11 +353,11 @@ def _layer_stats(
     needs = criterion_of(op.stage).needs
     rows = next((weights[n][op.module_name] for n in ROW_WEIGHT_NEEDS if n in needs), None)
     if rows is None and any(n in needs for n in ROW_WEIGHT_NEEDS):
-        raise HfCompressError(
+        raise CalibrationError(
             f"criterion {op.stage.criterion_name!r}: no gradient statistics for this module"
         )
     if ({"inputs", "gram"} & needs) and (inputs is None or inputs.count == 0):
-        raise HfCompressError(
+        raise CalibrationError(
             f"criterion {op.stage.criterion_name!r}: the module saw no calibration inputs"
         )
     return LayerStats(inputs=inputs, row_weights=rows)

@@ -30,3 +30,23 @@ class UnsupportedModuleError(HfCompressError, TypeError, ValueError):
 
 class RecipeError(HfCompressError, ValueError):
     """A recipe that cannot be parsed or does not fit the model; the message names the field."""
+
+
+class RegistrationError(HfCompressError, ValueError):
+    """A method or layer registration that conflicts with one already made, or is incomplete."""
+
+
+class UnknownMethodError(HfCompressError, ValueError):
+    """A method name no package registered; the message lists the known ones."""
+
+
+class CalibrationError(HfCompressError, ValueError):
+    """Calibration data that cannot feed a criterion (no examples, no tokens reached a module)."""
+
+
+class DecompositionError(HfCompressError, RuntimeError):
+    """A module's decomposition failed inside ``compress_model``; the model was restored."""
+
+
+class FrozenLayerError(HfCompressError, RuntimeError):
+    """A layer in its inference form (``hfcompress.freeze``) was asked to train."""

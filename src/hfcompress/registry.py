@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Literal
 
 from torch import nn
 
-from hfcompress.errors import HfCompressError, RecipeError
+from hfcompress.errors import RecipeError, RegistrationError
 from hfcompress.layers.base import (
     CompressedLayer,
     Planned,
@@ -71,7 +71,7 @@ class Criterion:
     def __post_init__(self) -> None:
         unknown = set(self.needs) - set(NEEDS)
         if unknown:
-            raise HfCompressError(f"Criterion.needs: unknown {sorted(unknown)}; known: {NEEDS}")
+            raise RegistrationError(f"Criterion.needs: unknown {sorted(unknown)}; known: {NEEDS}")
 
     @property
     def data_free(self) -> bool:
@@ -131,15 +131,15 @@ def register_method(method: Method) -> Method:
             the name, or a layer class is already registered to another method.
     """
     if method.name in _METHODS:
-        raise HfCompressError(f"register_method: method {method.name!r} is already registered")
+        raise RegistrationError(f"register_method: method {method.name!r} is already registered")
     field_info = method.stage.model_fields.get("method")
     if field_info is None or field_info.default != method.name:
-        raise HfCompressError(
+        raise RegistrationError(
             f"register_method({method.name!r}): {method.stage.__name__} needs a field "
             f"`method: Literal[{method.name!r}] = {method.name!r}`"
         )
     if not method.criteria:
-        raise HfCompressError(f"register_method({method.name!r}): at least one criterion")
+        raise RegistrationError(f"register_method({method.name!r}): at least one criterion")
     for layer in method.layers:
         register_layer_class(layer)
     _METHODS[method.name] = method

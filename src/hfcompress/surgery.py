@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from hfcompress._version import __version__
 from hfcompress.calibration import apply_layerwise, calibration_batches
-from hfcompress.errors import HfCompressError
+from hfcompress.errors import DecompositionError, HfCompressError
 from hfcompress.layers.base import CompressedLayer, count_parameters, dense_weight_of
 from hfcompress.recipe import Recipe
 from hfcompress.registry import needs_calibration
@@ -105,7 +105,7 @@ def compress_model(
 
     Raises:
         RecipeError: the recipe does not parse or does not fit the model (nothing is changed).
-        HfCompressError: a decomposition failed while applying; every change is undone.
+        DecompositionError: a decomposition failed while applying; every change is undone.
 
     Example:
         >>> report = compress_model(model, {"stages": [
@@ -143,7 +143,7 @@ def compress_model(
             # Interrupts, out-of-memory and programming errors propagate as themselves.
             _add_note(error, f"hfcompress: compress_model stopped {where}; model restored")
             raise
-        raise HfCompressError(
+        raise DecompositionError(
             f"compress_model: failed {where}; the model was restored unchanged: {error}"
         ) from error
     report.modules = _report_rows(applier)

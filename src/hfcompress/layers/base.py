@@ -17,7 +17,12 @@ from torch import nn
 from torch.utils._pytree import tree_map
 from transformers.pytorch_utils import Conv1D
 
-from hfcompress.errors import HfCompressError, UnsupportedModuleError
+from hfcompress.errors import (
+    InvalidParameterError,
+    RegistrationError,
+    UnknownMethodError,
+    UnsupportedModuleError,
+)
 
 SourceKind = Literal["linear", "conv1d"]
 SOURCE_KINDS: tuple[SourceKind, ...] = ("linear", "conv1d")
@@ -37,9 +42,9 @@ def register_layer_class(cls: type[C]) -> type[C]:
     """
     method = getattr(cls, "method", None)
     if not isinstance(method, str):
-        raise HfCompressError(f"{cls.__name__}: a layer class needs a `method: ClassVar[str]`")
+        raise RegistrationError(f"{cls.__name__}: a layer class needs a `method: ClassVar[str]`")
     if _LAYER_REGISTRY.get(method, cls) is not cls:
-        raise HfCompressError(
+        raise RegistrationError(
             f"method {method!r} is already registered to {_LAYER_REGISTRY[method].__name__}"
         )
     _LAYER_REGISTRY[method] = cls
@@ -63,7 +68,7 @@ def register_layer(method: str) -> Callable[[type[C]], type[C]]:
 
     def decorate(cls: type[C]) -> type[C]:
         if method in _LAYER_REGISTRY:
-            raise HfCompressError(
+            raise RegistrationError(
                 f"method {method!r} is already registered to {_LAYER_REGISTRY[method].__name__}"
             )
         cls.method = method
@@ -81,7 +86,7 @@ def get_layer_class(method: str) -> type[CompressedLayer]:
     try:
         return _LAYER_REGISTRY[method]
     except KeyError:
-        raise HfCompressError(
+        raise UnknownMethodError(
             f"unknown method {method!r}; known methods: {sorted(_LAYER_REGISTRY)}"
         ) from None
 
@@ -127,7 +132,7 @@ def make_dense(
         dense.weight.data = weight.detach().T.contiguous().clone()
         if bias is None:
             # Conv1D always has a bias; a compressed layer built from one always keeps it.
-            raise HfCompressError("a Conv1D needs a bias; this layer has none")
+            raise InvalidParameterError("a Conv1D needs a bias; this layer has none")
         dense.bias.data = bias.detach().clone()
         return dense
     dense = nn.Linear(
@@ -172,7 +177,7 @@ class CompressedLayer(nn.Module, metaclass=ABCMeta):
 
     def _init_common(self, in_features: int, out_features: int, source: SourceKind) -> None:
         if source not in SOURCE_KINDS:
-            raise HfCompressError(f"source={source!r}: expected one of {SOURCE_KINDS}")
+            raise InvalidParameterError(f"source={source!r}: expected one of {SOURCE_KINDS}")
         self.in_features = in_features
         self.out_features = out_features
         self.source = source
@@ -247,7 +252,7 @@ class CompressedLayer(nn.Module, metaclass=ABCMeta):
 
     def with_factors(self, factors: dict[str, nn.Module]) -> CompressedLayer:
         """A new layer of this structure holding ``factors`` (for layers that have factors)."""
-        raise HfCompressError(f"{type(self).__name__} has no factors to replace")
+        raise InvalidParameterError(f"{type(self).__name__} has no factors to replace")
 
     def report_settings(self) -> dict[str, object]:
         """The settings the compression report shows for this layer."""
@@ -354,11 +359,11 @@ def layer_from_spec(
         HfCompressError: unknown method, or a spec that does not describe a valid layer.
     """
     if not isinstance(spec, dict) or "method" not in spec:
-        raise HfCompressError(f"layer spec: expected a mapping with 'method', got {spec!r}")
+        raise InvalidParameterError(f"layer spec: expected a mapping with 'method', got {spec!r}")
     cls = get_layer_class(str(spec["method"]))
     try:
         return cls.from_spec(spec, device, dtype)
     except (KeyError, TypeError) as error:
-        raise HfCompressError(
+        raise InvalidParameterError(
             f"layer spec {spec!r}: missing or malformed field ({error})"
         ) from error

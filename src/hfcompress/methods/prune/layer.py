@@ -21,7 +21,7 @@ from hfcompress.decompose.patterns import (
     parse_nm_pattern,
     resolve_sparsity,
 )
-from hfcompress.errors import HfCompressError, InvalidParameterError
+from hfcompress.errors import FrozenLayerError, InvalidParameterError
 from hfcompress.layers.base import (
     CompressedLayer,
     SourceKind,
@@ -173,7 +173,7 @@ class PrunedLinear(CompressedLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.frozen:
             if self.training and torch.is_grad_enabled():
-                raise HfCompressError(
+                raise FrozenLayerError(
                     "PrunedLinear: this layer is frozen for inference (hfcompress.freeze) and "
                     "holds no mask to keep its zeros; call hfcompress.unfreeze(model) to train"
                 )
