@@ -27,13 +27,11 @@ edit, save as YAML and pass to ``compress_model``.
 from __future__ import annotations
 
 import heapq
-import io
 import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from rich.console import Console
 from rich.table import Table
 from torch import nn
 from tqdm.auto import tqdm
@@ -44,6 +42,7 @@ from hfcompress.errors import InvalidParameterError
 from hfcompress.layers import dense_weight_of
 from hfcompress.matching import select
 from hfcompress.recipe import Recipe
+from hfcompress.report import table_text
 from hfcompress.validation import compressible_modules, tied_modules
 
 _DAMP = 1e-6
@@ -85,9 +84,7 @@ class Plan:
         return table
 
     def __str__(self) -> str:
-        console = Console(width=140, record=True, file=io.StringIO())
-        console.print(self.table())
-        return console.export_text()
+        return table_text(self.table(), width=140)
 
 
 def _targets(model: nn.Module, targets: str) -> list[str]:

@@ -92,9 +92,14 @@ class CompressionReport:
         return table
 
     def __str__(self) -> str:
-        console = Console(width=160, record=True, file=io.StringIO())
-        console.print(self.table())
-        return console.export_text()
+        return table_text(self.table(), width=160)
+
+
+def table_text(table: Table, width: int = 160) -> str:
+    """A rich table as plain text (what ``print(report)`` shows), ``width`` columns wide."""
+    console = Console(width=width, record=True, file=io.StringIO())
+    console.print(table)
+    return console.export_text()
 
 
 def _fmt_error(error: float | None) -> str:

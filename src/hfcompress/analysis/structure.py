@@ -23,14 +23,12 @@ k·(m1·n1 + m2·n2) for a k-term Kronecker sum. Biases are not counted.
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from rich.console import Console
 from rich.table import Table
 from torch import nn
 from tqdm.auto import tqdm
@@ -39,6 +37,7 @@ from hfcompress.decompose import kronecker_error, kronecker_shapes, magnitude_ma
 from hfcompress.errors import InvalidParameterError
 from hfcompress.layers import dense_weight_of
 from hfcompress.matching import check_pattern, select
+from hfcompress.report import table_text
 from hfcompress.validation import compressible_modules, tied_modules
 
 Method = Literal["lowrank", "prune", "kronecker"]
@@ -391,9 +390,7 @@ class ModelAnalysis:
         return table
 
     def __str__(self) -> str:
-        console = Console(width=200, record=True, file=io.StringIO())
-        console.print(self.table())
-        return console.export_text()
+        return table_text(self.table(), width=200)
 
 
 def analyze_model(
