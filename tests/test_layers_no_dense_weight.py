@@ -29,7 +29,7 @@ class _Shapes(TorchDispatchMode):
         super().__init__()
         self.shapes: set[tuple[int, ...]] = set()
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN206
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         inputs = {

@@ -20,6 +20,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from hfcompress.decompose.masks import parse_nm_pattern, unpack_bitmask
+from hfcompress.decompose.patterns import UNSTRUCTURED, normalize_pattern
 from hfcompress.errors import HfCompressError
 from hfcompress.layers import (
     CompressedLayer,
@@ -31,7 +32,6 @@ from hfcompress.layers import (
     source_kind,
 )
 from hfcompress.layers.base import SOURCE_KINDS
-from hfcompress.decompose.patterns import UNSTRUCTURED, normalize_pattern
 from hfcompress.methods.prune.format import BITMASK_SUFFIX
 
 MARKER = "weight"  # the dense key that a low-rank / Kronecker module fills with an empty tensor

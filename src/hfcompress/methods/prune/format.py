@@ -61,5 +61,3 @@ def accept_compact_weights(
     weight, mask = sparse_decode(values, packed, module.in_features, prefix.rstrip("."))
     state_dict[prefix + "weight"] = weight
     state_dict[prefix + "mask"] = mask
-
-
