@@ -194,21 +194,28 @@ def collect_stats(
         inputs: (args, kwargs) pairs, one per calibration batch.
         wanted: {module name relative to the block: whether the Gram matrix X·Xᵀ is needed}.
     """
+    with recording_inputs(block, wanted) as stats, torch.no_grad():
+        for args, kwargs in inputs:
+            block(*args, **kwargs)
+    return stats
+
+
+@contextlib.contextmanager
+def recording_inputs(root: nn.Module, wanted: dict[str, bool]) -> Iterator[dict[str, InputStats]]:
+    """Forward pre-hooks on ``root``'s submodules ``wanted`` (name -> Gram needed) that
+    accumulate their inputs' :class:`InputStats` while the context is open."""
     stats = {name: InputStats(want_gram=gram) for name, gram in wanted.items()}
     handles = [
-        block.get_submodule(name).register_forward_pre_hook(
+        root.get_submodule(name).register_forward_pre_hook(
             lambda _module, args, s=stats[name]: s.add(args[0])
         )
         for name in wanted
     ]
     try:
-        with torch.no_grad():
-            for args, kwargs in inputs:
-                block(*args, **kwargs)
+        yield stats
     finally:
         for handle in handles:
             handle.remove()
-    return stats
 
 
 def run_layerwise(

@@ -36,7 +36,12 @@ from rich.table import Table
 from torch import nn
 from tqdm.auto import tqdm
 
-from hfcompress.calibration import InputStats, calibration_batches, output_gradient_energy
+from hfcompress.calibration import (
+    InputStats,
+    calibration_batches,
+    output_gradient_energy,
+    recording_inputs,
+)
 from hfcompress.decompose.calibrated import wanda_scores
 from hfcompress.errors import InvalidParameterError
 from hfcompress.layers import dense_weight_of
@@ -102,36 +107,31 @@ def _dense_stats(
     model: nn.Module, names: list[str], batches: list, gram: bool, progress: bool
 ) -> dict[str, InputStats]:
     """Input statistics of ``names`` in the dense model, one pass over the calibration data."""
-    stats = {name: InputStats(want_gram=gram) for name in names}
-    handles = [
-        model.get_submodule(name).register_forward_pre_hook(
-            lambda _m, args, s=stats[name]: s.add(args[0])
-        )
-        for name in names
-    ]
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with recording_inputs(model, dict.fromkeys(names, gram)) as stats, torch.no_grad():
             for batch in tqdm(batches, desc="hfcompress: measuring", disable=not progress):
                 model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False)
     finally:
-        for handle in handles:
-            handle.remove()
         model.train(was_training)
     return stats
+
+
+def _damped(gram: torch.Tensor, fraction: float) -> torch.Tensor:
+    """H + fraction·mean(diag H)·I in float64, for a Cholesky factorization of X·Xᵀ."""
+    H = gram.double()
+    return H + fraction * H.diagonal().mean().clamp_min(1e-12) * torch.eye(
+        H.shape[0], dtype=H.dtype, device=H.device
+    )
 
 
 def _whitened_spectrum(W: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
     """σ² of W·L, descending, with L the Cholesky factor of X·Xᵀ (damped): Σ_{i>r} σᵢ² is the
     least ‖(W − Ŵ)X‖²_F over rank-r Ŵ (SVD-LLM)."""
-    H = gram.double()
-    H = H + _DAMP * H.diagonal().mean().clamp_min(1e-12) * torch.eye(
-        H.shape[0], dtype=H.dtype, device=H.device
-    )
-    L = torch.linalg.cholesky(H)
-    return torch.linalg.svdvals(W.double().to(H.device) @ L).square().cpu()
+    L = torch.linalg.cholesky(_damped(gram, _DAMP))
+    return torch.linalg.svdvals(W.double().to(L.device) @ L).square().cpu()
 
 
 def _tail_errors(sq: torch.Tensor) -> torch.Tensor:
@@ -306,10 +306,7 @@ def _pruning_errors(
     weight G_j. Summing single-weight saliencies ignores how removals interact (OBS's joint error
     is w_Pᵀ([H⁻¹]_PP)⁻¹w_P), so it is an estimate; the allocation only compares modules with it.
     """
-    H = gram.double()
-    H = H + 0.01 * H.diagonal().mean().clamp_min(1e-12) * torch.eye(
-        H.shape[0], dtype=H.dtype, device=H.device
-    )
+    H = _damped(gram, 0.01)  # as SparseGPT dampens
     hinv_diag = torch.cholesky_inverse(torch.linalg.cholesky(H)).diagonal()
     saliency = W.double().to(H.device).square() / hinv_diag[None, :]
     if row_weight is not None:
