@@ -1,11 +1,12 @@
-"""The ``hfcompress`` entry point: run as a user runs it (in a subprocess), and ``main()`` in-process
-where a test patches a step (faster, and the only way to inject a failure)."""
+"""The ``hfcompress`` command: entry points, argument errors, the class it loads, output checks
+(Ctrl-C: test_cli_output.py). Most tests run ``main()`` in this process (fast, and the only way
+to inject a failure); a few run the installed entry points as a user does."""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
+import re
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -13,21 +14,20 @@ from pathlib import Path
 import pytest
 import transformers
 
-from conftest import tiny_model, word_tokenizer
+import cli_helpers
+from cli_helpers import run_cli, run_main
+from conftest import tiny_model
 from hfcompress import cli
+from hfcompress.cli import _common
+
+# the shared fixtures
+tiny_folder = cli_helpers.tiny_folder
+_no_library_bars = cli_helpers._no_library_bars
+
+# --- the entry points, in a new interpreter -----------------------------------------------------
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "hfcompress.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-
-
-def test_demo_prints_summary_table_and_round_trips():
+def test_python_m_hfcompress_runs_the_demo():
     result = run_cli("demo")
     assert result.returncode == 0, result.stderr
     out = result.stdout
@@ -38,299 +38,91 @@ def test_demo_prints_summary_table_and_round_trips():
     assert "identical logits" in out
 
 
-def test_shapes_table_matches_kronecker_shapes():
-    result = run_cli("shapes", "3072", "768", "--limit", "400")
+def test_console_script_and_python_m_hfcompress_cli():
+    script = Path(sys.executable).with_name("hfcompress")
+    if not script.is_file():
+        pytest.skip(f"no console script beside {sys.executable} (pip install -e . makes it)")
+    result = subprocess.run(
+        [str(script), "shapes", "3072", "768", "--limit", "400"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
     assert "(768, 768)" in result.stdout and "589,828" in result.stdout
 
 
-@pytest.mark.parametrize("args", [["shapes", "0", "768"], ["shapes", "ten", "768"], ["nope"]])
-def test_bad_arguments_exit_2_without_traceback(args):
-    result = run_cli(*args)
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr
-    assert "error" in result.stderr
+@pytest.mark.parametrize("module", ["hfcompress", "hfcompress.cli"])
+def test_python_m_runs_main(module, monkeypatch, capsys):
+    """``python -m hfcompress`` and ``python -m hfcompress.cli`` (tests/test_real_models_cli.py
+    uses it), run in this process."""
+    monkeypatch.setattr(sys, "argv", [module, "shapes", "0", "768"])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    assert exit_.value.code == 2
+    assert "expected a positive integer, got 0" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["demo", "shapes"])
-def test_help_on_every_subcommand(command):
-    result = run_cli(command, "--help")
-    assert result.returncode == 0 and "usage: hfcompress" in result.stdout
-
-
-# --- compress / eval / distill on tiny config-built models saved to tmp folders -------------------
-
-WORDS = "the a of and to in is you that it he was for on are as with his they at"
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    """A tiny Llama with a word-level tokenizer, saved like a hub checkpoint."""
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    words = WORDS.split()
-    word_tokenizer(words).save_pretrained(folder)
-    tiny_model("llama").save_pretrained(folder)
-    (folder / "text.txt").write_text(" ".join(words * 30))
-    (folder / "recipe.yaml").write_text(
-        "stages:\n"
-        "  - method: lowrank\n    targets: '.*mlp\\.(gate|up)_proj'\n    rank: 8\n"
-        "  - method: prune\n    targets: '.*self_attn\\..*'\n    pattern: '2:4'\n"
-    )
-    return folder
-
-
-def test_compress_writes_a_loadable_checkpoint(tiny_folder, tmp_path):
-    out = tmp_path / "compressed"
-    result = run_cli(
-        "compress",
-        str(tiny_folder),
-        "--recipe",
-        str(tiny_folder / "recipe.yaml"),
-        "--output",
-        str(out),
-    )
-    assert result.returncode == 0, result.stderr
-    assert "model.layers.0.mlp.up_proj" in result.stdout and "lowrank" in result.stdout
-    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
-    report = __import__("json").loads((out / "compression_report.json").read_text())
-    assert len(report["modules"]) == 2 * 2 + 2 * 4
-    from transformers import AutoModelForCausalLM
-
-    import hfcompress  # noqa: F401
-
-    model = AutoModelForCausalLM.from_pretrained(out)
-    assert type(model.model.layers[1].mlp.gate_proj).__name__ == "LowRankLinear"
-    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
-    assert not leftovers
-
-
-def test_compress_dry_run_saves_nothing(tiny_folder, tmp_path):
-    result = run_cli(
-        "compress", str(tiny_folder), "--recipe", str(tiny_folder / "recipe.yaml"), "--dry-run"
-    )
-    assert result.returncode == 0 and "dry run" in result.stdout
-    assert list(tmp_path.iterdir()) == []
+# --- arguments -----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
+        (["shapes", "0", "768"], "expected a positive integer, got 0"),
+        (["shapes", "ten", "768"], "expected a positive integer, got 'ten'"),
+        (["nope"], "invalid choice: 'nope'"),
+        (["compress", "m", "--recipe", "r"], "--output is required"),
+        (["eval", "m", "--speed", "--unknown"], "unrecognized arguments: --unknown"),
+        (["eval", "m", "--perplexity", "--text", "t", "--stride", "0"], "positive integer, got 0"),
+        (["analyze", "m", "--kronecker-candidates", "-1"], "expected 0 or more"),
         (
-            ["compress", "no/such/dir/model", "--recipe", "r.yaml", "--output", "o"],
-            "MODEL 'no/such/dir/model': no such folder",
+            ["plan", "m", "--keep", "1.5", "--targets", ".*", "--calibration-text", "x"],
+            "expected a fraction",
         ),
-        (
-            ["compress", "{model}", "--recipe", "{bad_recipe}", "--output", "{out}"],
-            "bad.yaml: not valid yaml",
-        ),
-        (
-            ["compress", "{model}", "--recipe", "{unfit_recipe}", "--output", "{out}"],
-            r"stages\[0\]\(lowrank\).targets",
-        ),
-        (["eval", "{model}", "--perplexity"], "--perplexity: needs --text FILE"),
-        (["eval", "{model}", "--task", "{csv}", "--text-column", "body"], "text_column='body'"),
-        (["eval", "{model}"], "choose at least one of"),
-        (
-            ["eval", "{model}", "--perplexity", "--text", "{text}", "--stride", "0"],
-            "expected a positive integer",
-        ),
+        (["plan", "m", "--keep", "0.5", "--targets", ".*", "--output", "y"], "one of the argu"),
     ],
 )
-def test_bad_input_is_one_line_exit_2_and_nothing_written(tiny_folder, tmp_path, args, message):
-    import re
-
-    (tmp_path / "bad.yaml").write_text("stages: [ {method: prune,")
-    (tmp_path / "unfit.yaml").write_text(
-        "stages:\n  - method: lowrank\n    targets: 'nothing'\n    rank: 2\n"
-    )
-    (tmp_path / "data.csv").write_text("text,label\nthe a,0\nof and,1\n")
-    values = {
-        "model": str(tiny_folder),
-        "bad_recipe": str(tmp_path / "bad.yaml"),
-        "unfit_recipe": str(tmp_path / "unfit.yaml"),
-        "out": str(tmp_path / "out"),
-        "csv": str(tmp_path / "data.csv"),
-        "text": str(tiny_folder / "text.txt"),
-    }
-    result = run_cli(*[a.format(**values) for a in args])
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
-    assert re.search(message, result.stderr), result.stderr
-    assert not (tmp_path / "out").exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+def test_bad_arguments_exit_2_without_traceback(capsys, args, message):
+    code, out, err = run_main(capsys, *args)
+    assert code == 2 and out == ""
+    assert "Traceback" not in err and message in err, err
 
 
-def test_debug_shows_the_traceback(tiny_folder, tmp_path):
-    result = run_cli(
-        "--debug", "compress", "nope/x/y", "--recipe", "r.yaml", "--output", str(tmp_path / "o")
-    )
-    assert result.returncode != 0 and "Traceback" in result.stderr
+SUBCOMMANDS = ["demo", "shapes", "compress", "eval", "analyze", "plan", "distill", "convert-gguf"]
 
 
-def test_eval_perplexity_task_and_speed(tiny_folder, tmp_path):
-    (tmp_path / "data.csv").write_text("text,label\nthe a of,0\nand to in,1\nis you that,0\n")
-    result = run_cli(
-        "eval",
-        str(tiny_folder),
-        "--perplexity",
-        "--text",
-        str(tiny_folder / "text.txt"),
-        "--max-length",
-        "32",
-        "--stride",
-        "16",
-        "--speed",
-        "--repeats",
-        "2",
-        "--seq-len",
-        "16",
-    )
-    assert result.returncode == 0, result.stderr
-    for needle in (
-        "perplexity",
-        "tokens scored / windows",
-        "latency median",
-        "throughput",
-        "parameters (non-zero)",
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_help_on_every_subcommand(capsys, command):
+    code, out, _ = run_main(capsys, command, "--help")
+    assert code == 0 and out.startswith(f"usage: hfcompress {command}")
+
+
+def test_every_subcommand_is_listed_in_the_top_level_help(capsys):
+    code, out, _ = run_main(capsys, "--help")
+    assert code == 0
+    assert all(command in out for command in SUBCOMMANDS)
+
+
+def test_every_loading_subcommand_takes_the_task_override():
+    parser = cli.build_parser()
+    for line in (
+        "compress m --recipe r --task base",
+        "analyze m --task base",
+        "plan m --keep 0.5 --targets .* --calibration-text t --output o --task base",
+        "distill m --recipe r --train-text t --output o --task base",
+        "eval m --task data.csv --model-task base",
+        "compress m --recipe r --model-task base",
+        "convert-gguf s --output o --task base",
     ):
-        assert needle in result.stdout
+        argv = line.split()
+        args, _ = parser.parse_known_args(argv)
+        assert args.model_task == "base", argv
+    assert parser.parse_known_args(["eval", "m", "--task", "d.csv"])[0].task == Path("d.csv")
 
 
-def test_distill_trains_and_saves_the_student(tiny_folder, tmp_path):
-    out = tmp_path / "distilled"
-    result = run_cli(
-        "distill",
-        str(tiny_folder),
-        "--recipe",
-        str(tiny_folder / "recipe.yaml"),
-        "--train-text",
-        str(tiny_folder / "text.txt"),
-        "--output",
-        str(out),
-        "--block-size",
-        "32",
-        "--max_steps",
-        "3",
-        "--per_device_train_batch_size",
-        "2",
-        "--alpha",
-        "0.5",
-        "--report_to",
-        "none",
-        "--use_cpu",
-        "--save_strategy",
-        "no",
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert (out / "student" / "model.safetensors").is_file()
-    config = __import__("json").loads((out / "student" / "config.json").read_text())
-    assert config["quantization_config"]["quant_method"] == "hfcompress"
-
-
-def test_analyze_prints_table_and_writes_plots(tiny_folder, tmp_path):
-    pytest.importorskip("matplotlib")
-    plots = tmp_path / "plots"
-    result = run_cli(
-        "analyze",
-        str(tiny_folder),
-        "--targets",
-        r".*layers\.0\..*",
-        "--kronecker-candidates",
-        "2",
-        "--plots",
-        str(plots),
-        "--json",
-        str(tmp_path / "a.json"),
-    )
-    assert result.returncode == 0, result.stderr
-    assert "model.layers.0.mlp.up_proj" in result.stdout and "stable" in result.stdout
-    for name in ("spectra.png", "energy.png"):
-        assert (plots / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    rows = __import__("json").loads((tmp_path / "a.json").read_text())
-    assert len(rows["modules"] if "modules" in rows else rows["rows"]) == 7
-
-
-def test_analyze_bad_targets_exit_2(tiny_folder, tmp_path):
-    result = run_cli(
-        "analyze", str(tiny_folder), "--targets", "nothing", "--plots", str(tmp_path / "p")
-    )
-    assert (
-        result.returncode == 2 and "Traceback" not in result.stderr and "targets" in result.stderr
-    )
-    assert not (tmp_path / "p").exists()
-
-
-@pytest.mark.parametrize("command", ["compress", "eval", "distill", "analyze"])
-def test_help_on_new_subcommands(command):
-    result = run_cli(command, "--help")
-    assert result.returncode == 0 and "usage: hfcompress" in result.stdout
-
-
-@pytest.mark.parametrize(
-    ("flags", "method", "criterion"),
-    [
-        ((), "lowrank", "fisher_whitened"),
-        (("--method", "prune"), "prune", "sparsegpt"),
-        (("--method", "prune", "--allocation", "owl"), "prune", "wanda"),
-    ],
-)
-def test_plan_writes_a_recipe_that_compress_accepts(
-    tiny_folder, tmp_path, flags, method, criterion
-):
-    recipe = tmp_path / "plan.yaml"
-    result = run_cli(
-        "plan",
-        str(tiny_folder),
-        "--keep",
-        "0.5",
-        "--targets",
-        r".*mlp\.\w+_proj",
-        "--calibration-text",
-        str(tiny_folder / "text.txt"),
-        "--n-calib",
-        "4",
-        "--seq-len",
-        "16",
-        "--output",
-        str(recipe),
-        *flags,
-    )
-    assert result.returncode == 0, result.stderr
-    import yaml
-
-    stage = yaml.safe_load(recipe.read_text())["stages"][0]
-    assert stage["method"] == method and stage["criterion"] == criterion
-    bad = run_cli(
-        "plan",
-        str(tiny_folder),
-        "--keep",
-        "1.5",
-        "--targets",
-        ".*",
-        "--calibration-text",
-        "x",
-        "--output",
-        "y",
-    )
-    assert bad.returncode == 2 and "fraction" in bad.stderr
-
-
-# --- in-process main(): the class the CLI loads, output paths, Ctrl-C ---------------------------
-
-
-def run_main(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    """``main(args)`` in this process: (exit code, stdout, stderr)."""
-    code = cli.main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-@pytest.fixture(autouse=True)
-def _no_progress_bars():
-    """transformers' loading bars go to stderr, where these tests count lines."""
-    transformers.utils.logging.disable_progress_bar()
-    yield
-    transformers.utils.logging.enable_progress_bar()
+# --- the class the CLI loads ---------------------------------------------------------------------
 
 
 def _bert_mlm() -> transformers.PreTrainedModel:
@@ -398,7 +190,7 @@ def test_cli_loads_the_class_and_module_names_python_loads(saved, name):
 def test_architecture_missing_from_transformers_falls_back_to_its_task_mapping(
     saved, monkeypatch, name, auto_class
 ):
-    monkeypatch.setattr(cli, "_transformers_class", lambda architecture: None)
+    monkeypatch.setattr(_common, "_transformers_class", lambda architecture: None)
     config = transformers.AutoConfig.from_pretrained(saved[name][0])
     assert cli.model_class(config) is getattr(transformers, auto_class)
     assert type(cli.load_model(str(saved[name][0]))).__name__ == SAVED[name][1]
@@ -426,22 +218,6 @@ def test_unknown_architecture_asks_for_task_and_none_loads_the_bare_model(saved)
 )
 def test_task_overrides_the_architecture(saved, name, task, expected):
     assert type(cli.load_model(str(saved[name][0]), task=task)).__name__ == expected
-
-
-def test_every_loading_subcommand_takes_the_task_override():
-    parser = cli.build_parser()
-    for line in (
-        "compress m --recipe r --task base",
-        "analyze m --task base",
-        "plan m --keep 0.5 --targets .* --calibration-text t --output o --task base",
-        "distill m --recipe r --train-text t --output o --task base",
-        "eval m --task data.csv --model-task base",
-        "compress m --recipe r --model-task base",
-    ):
-        argv = line.split()
-        args, _ = parser.parse_known_args(argv)
-        assert args.model_task == "base", argv
-    assert parser.parse_known_args(["eval", "m", "--task", "d.csv"])[0].task == Path("d.csv")
 
 
 GPT2_MLP_RECIPE = (
@@ -498,11 +274,61 @@ def test_task_that_does_not_fit_the_model_is_one_line_exit_2(saved, capsys):
     assert len(err.splitlines()) == 1
 
 
+# --- bad input: one line, exit 2, nothing written ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["compress", "no/such/dir/model", "--recipe", "r.yaml", "--output", "{out}"],
+            "MODEL 'no/such/dir/model': no such folder",
+        ),
+        (
+            ["compress", "{model}", "--recipe", "{bad_recipe}", "--output", "{out}"],
+            "bad.yaml: not valid yaml",
+        ),
+        (
+            ["compress", "{model}", "--recipe", "{unfit_recipe}", "--output", "{out}"],
+            r"stages\[0\]\(lowrank\).targets",
+        ),
+        (["eval", "{model}", "--perplexity"], "--perplexity: needs --text FILE"),
+        (["eval", "{model}"], "choose at least one of"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_nothing_written(
+    tiny_folder, tmp_path, capsys, args, message
+):
+    (tmp_path / "bad.yaml").write_text("stages: [ {method: prune,")
+    (tmp_path / "unfit.yaml").write_text(
+        "stages:\n  - method: lowrank\n    targets: 'nothing'\n    rank: 2\n"
+    )
+    values = {
+        "model": str(tiny_folder),
+        "bad_recipe": str(tmp_path / "bad.yaml"),
+        "unfit_recipe": str(tmp_path / "unfit.yaml"),
+        "out": str(tmp_path / "out"),
+        "text": str(tiny_folder / "text.txt"),
+    }
+    code, _, err = run_main(capsys, *[a.format(**values) for a in args])
+    assert code == 2, err
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert re.search(message, err), err
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_debug_shows_the_traceback(tmp_path, capsys):
+    with pytest.raises(cli.CliError, match="no such folder"):
+        cli.main(["--debug", "compress", "nope/x/y", "--recipe", "r", "--output", str(tmp_path)])
+
+
 # each output flag's subcommand, as a command line (split on spaces); {out} is the bad path
 OUTPUT_COMMANDS = {
     "compress": "compress {model} --recipe {recipe} --output {out}",
     "distill": "distill {model} --recipe {recipe} --train-text t --output {out}",
     "analyze --plots": "analyze {model} --plots {out}",
+    "convert-gguf": "convert-gguf {model} --output {out}",
 }
 FILE_OUTPUT_COMMANDS = {
     "plan": "plan {model} --keep 0.5 --targets .* --calibration-text t --output {out}",
@@ -547,12 +373,11 @@ def _bad_output_cases() -> list:
 def test_bad_output_is_one_line_exit_2_before_the_model_loads(
     saved, tmp_path, monkeypatch, capsys, command, output, message
 ):
-    import re
-
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded before the output was checked")
 
-    monkeypatch.setattr(cli, "load_model", no_loading)
+    monkeypatch.setattr(_common, "load_model", no_loading)
+    monkeypatch.setattr(_common, "load_tokenizer", no_loading)
     (tmp_path / "recipe.yaml").write_text(GPT2_MLP_RECIPE.format(prefix=r"transformer\."))
     (tmp_path / "a-file").write_text("not a folder")
     (tmp_path / "a-folder").mkdir()
@@ -569,104 +394,3 @@ def test_bad_output_is_one_line_exit_2_before_the_model_loads(
     assert repr(bad) in err and re.search(message, err), err
     assert sorted(tmp_path.rglob("*")) == before  # nothing created, nothing removed
     assert not Path("/proc/hfcompress-out").exists()
-
-
-def test_ctrl_c_during_compression_exits_130_and_writes_nothing(
-    tiny_folder, tmp_path, monkeypatch, capsys
-):
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(cli, "compress_model", interrupted)
-    out = tmp_path / "out"
-    code, _, err = run_main(
-        capsys, "compress", tiny_folder, "--recipe", tiny_folder / "recipe.yaml", "--output", out
-    )
-    assert code == 130
-    assert err == "hfcompress: interrupted\n"
-    assert list(tmp_path.iterdir()) == []
-
-
-@pytest.mark.parametrize("existing", [False, True], ids=["new", "overwrite"])
-def test_ctrl_c_while_saving_leaves_nothing_behind(
-    tiny_folder, tmp_path, monkeypatch, capsys, existing
-):
-    """The interrupt lands after the weights are written (the tokenizer comes next): the partial
-    folder, the parent folders made for it, and nothing else go; an old output stays as it was."""
-    saved_files: list[str] = []
-
-    def interrupted(ref):
-        saved_files.extend(p.name for p in tmp_path.rglob("*.safetensors"))
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(cli, "load_tokenizer", interrupted)
-    out = tmp_path / "a" / "b" / "out" if not existing else tmp_path / "out"
-    if existing:
-        out.mkdir()
-        (out / "old.txt").write_text("old")
-    flags = ["--overwrite"] if existing else []
-    code, _, err = run_main(
-        capsys,
-        "compress",
-        tiny_folder,
-        "--recipe",
-        tiny_folder / "recipe.yaml",
-        "--output",
-        out,
-        *flags,
-    )
-    assert code == 130 and "Traceback" not in err
-    assert err.splitlines()[-1] == "hfcompress: interrupted"  # after compression's progress bar
-    assert saved_files == ["model.safetensors"]  # the write was under way
-    if existing:
-        assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-        assert [p.name for p in out.iterdir()] == ["old.txt"]
-    else:
-        assert list(tmp_path.iterdir()) == []
-
-
-def test_interrupted_swap_puts_the_old_output_back(tmp_path, monkeypatch):
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "old.txt").write_text("old")
-    replace = os.replace
-
-    def interrupt_second_replace(src, dst):
-        if Path(src).name.startswith(".out.partial-"):
-            raise KeyboardInterrupt
-        replace(src, dst)
-
-    monkeypatch.setattr(os, "replace", interrupt_second_replace)
-    with pytest.raises(KeyboardInterrupt), cli.atomic_output(out, overwrite=True) as tmp:
-        (tmp / "new.txt").write_text("new")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-    assert [p.name for p in out.iterdir()] == ["old.txt"]
-
-
-def test_ctrl_c_during_the_swap_waits_until_the_new_output_is_in_place(tmp_path, monkeypatch):
-    """A real SIGINT in the middle of the folder swap is held back until the swap is done."""
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "old.txt").write_text("old")
-    replace = os.replace
-
-    def sigint_then_replace(src, dst):
-        signal.raise_signal(signal.SIGINT)
-        replace(src, dst)
-
-    monkeypatch.setattr(os, "replace", sigint_then_replace)
-    with pytest.raises(KeyboardInterrupt), cli.atomic_output(out, overwrite=True) as tmp:
-        (tmp / "new.txt").write_text("new")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-    assert [p.name for p in out.iterdir()] == ["new.txt"]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-
-
-def test_interrupted_file_write_leaves_nothing(tmp_path, monkeypatch):
-    def interrupted(src, dst):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(os, "replace", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        cli.write_text_atomic(tmp_path / "new" / "recipe.yaml", "stages: []\n")
-    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,7 @@
+"""``python -m hfcompress.cli``: the ``hfcompress`` command."""
+
+import sys
+
+from hfcompress.cli import main
+
+sys.exit(main())
