@@ -21,6 +21,21 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from hfcompress.errors import HfCompressError, InvalidParameterError
 from hfcompress.layers import CompressedLayer, KroneckerLinear, LowRankLinear, PrunedLinear
 from hfcompress.surgery import record_compression
+from hfcompress.training.distributed import (
+    apply_mask_,
+    check_supported,
+    drop_zero_directions_,
+    effective_rank,
+    is_sharded,
+    local_part,
+    local_tensor,
+    next_mask,
+    pop_optimizer_state,
+    register_active_rank,
+    restore_optimizer_state,
+    set_mask_,
+    truncate_in_place_,
+)
 
 
 def cubic_sparsity(step: int, initial: float, final: float, start: int, end: int) -> float:
@@ -31,15 +46,6 @@ def cubic_sparsity(step: int, initial: float, final: float, start: int, end: int
         return final
     progress = (step - start) / (end - start)
     return final + (initial - final) * (1.0 - progress) ** 3
-
-
-def _refuse_sharded(args: TrainingArguments, name: str) -> None:
-    """Masks and truncations need whole weight matrices, which FSDP / ZeRO-3 shard across ranks."""
-    if getattr(args, "fsdp", None) or getattr(args, "deepspeed", None):
-        raise HfCompressError(
-            f"{name}: FSDP and DeepSpeed are not supported (each rank would see only a shard of "
-            "each weight); use DDP (torchrun / accelerate launch without FSDP or ZeRO-3)"
-        )
 
 
 def _layers(model: nn.Module, kind: type) -> dict[str, Any]:
@@ -58,6 +64,11 @@ class GradualPruningCallback(TrainerCallback):
 
     The model must already hold ``PrunedLinear`` layers: compress it first with a prune stage
     (``sparsity: 0.0`` or the initial sparsity).
+
+    Under DDP every rank computes the same masks from its identical weights. Under FSDP2 each
+    threshold is taken over the gathered weight, one layer at a time, so the masks are those of
+    the unsharded run; the masks (buffers) stay whole on every rank and each rank zeroes its own
+    rows. FSDP1 and DeepSpeed are refused.
 
     Example:
         >>> prune = GradualPruningCallback(0.0, 0.5, start_step=0, end_step=1000, update_every=100)
@@ -106,7 +117,7 @@ class GradualPruningCallback(TrainerCallback):
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        _refuse_sharded(args, "GradualPruningCallback")
+        check_supported(args, kwargs["model"], "GradualPruningCallback")
         if not _layers(kwargs["model"], PrunedLinear):
             raise HfCompressError(
                 "GradualPruningCallback: the model has no PrunedLinear layers; compress it first "
@@ -128,7 +139,7 @@ class GradualPruningCallback(TrainerCallback):
                 record_compression(model)
         else:
             for layer in layers:
-                layer.apply_mask_()
+                apply_mask_(layer)
 
 
 class ProgressiveRankCallback(TrainerCallback):
@@ -148,8 +159,14 @@ class ProgressiveRankCallback(TrainerCallback):
         start_step: first reduction (default: ``every``).
         end_step: no reduction after this step (default: none).
 
-    Single-process only: under DDP the replaced parameters would leave the wrapper's gradient
-    buckets, so the callback refuses to start there.
+    Under DDP and FSDP2 the wrapper holds on to the parameter objects, so the rank is lowered in
+    place instead: the factors keep their shapes, the dropped directions (columns of U, rows of
+    V) become exact zeros, which get exactly zero gradient and stay zero, and the factors'
+    optimizer state restarts. The truncated SVD is taken on the gathered factors and rank 0's
+    result is written on every rank. When training ends an unsharded model's factors shrink to
+    the scheduled ranks; a sharded one shrinks in the checkpoint ``DistillationTrainer.save_model``
+    gathers. Trainer checkpoints (``checkpoint-N``) keep the training shapes, so that resuming
+    finds the optimizer state it saved; the zeros tell the ranks.
     """
 
     def __init__(
@@ -175,6 +192,7 @@ class ProgressiveRankCallback(TrainerCallback):
         self.min_ratio = min_ratio
         self.start_step = every if start_step is None else start_step
         self.end_step = end_step
+        self._in_place = False  # set at train begin: lower ranks in place (DDP, FSDP)
 
     def floor(self, layer: LowRankLinear) -> int:
         full = min(layer.in_features, layer.out_features)
@@ -189,18 +207,18 @@ class ProgressiveRankCallback(TrainerCallback):
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        _refuse_sharded(args, "ProgressiveRankCallback")
-        if args.world_size > 1:
-            raise HfCompressError(
-                "ProgressiveRankCallback: rank reduction replaces parameters, which DDP cannot "
-                "follow mid-run; train single-process, or reduce ranks between runs with "
-                "LowRankLinear.truncate and resume"
-            )
-        if not _layers(kwargs["model"], LowRankLinear):
+        model = kwargs["model"]
+        check_supported(args, model, "ProgressiveRankCallback")
+        layers = _layers(model, LowRankLinear)
+        if not layers:
             raise HfCompressError(
                 "ProgressiveRankCallback: the model has no LowRankLinear layers; compress it "
                 "first with a lowrank stage"
             )
+        self._in_place = args.world_size > 1 or is_sharded(model)
+        if self._in_place:
+            for layer in layers.values():  # a resumed run's factors may carry zeros already
+                register_active_rank(layer)
 
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -208,6 +226,9 @@ class ProgressiveRankCallback(TrainerCallback):
         if not self.is_reduction_step(state.global_step):
             return
         model, optimizer = kwargs["model"], kwargs.get("optimizer")
+        if self._in_place:
+            self._reduce_in_place(model, optimizer)
+            return
         replaced: dict[nn.Parameter, nn.Parameter] = {}
         with _UndoOnInterrupt() as undo:
             undo.add(lambda: record_compression(model))  # runs last: the restored structure
@@ -227,6 +248,29 @@ class ProgressiveRankCallback(TrainerCallback):
                     )
                     remap_optimizer(optimizer, replaced)
                 record_compression(model)
+
+    def _reduce_in_place(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+        with _UndoOnInterrupt() as undo:
+            for layer in _layers(model, LowRankLinear).values():
+                rank = effective_rank(layer)
+                new_rank = max(self.floor(layer), int(rank * self.factor))
+                if new_rank >= rank:
+                    continue
+                params = [layer.u.weight, layer.v.weight]
+                undo.add(_local_restorer(layer, params, rank))
+                truncate_in_place_(layer, new_rank)
+                popped = pop_optimizer_state(optimizer, params)
+                undo.add(lambda o=optimizer, s=popped: restore_optimizer_state(o, s))
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        model = kwargs["model"]
+        if not self._in_place or is_sharded(model):
+            return  # a sharded model is shrunk when gathered for saving
+        for layer in _layers(model, LowRankLinear).values():
+            drop_zero_directions_(layer)
+        record_compression(model)
 
 
 class _UndoOnInterrupt:
@@ -251,18 +295,33 @@ class _UndoOnInterrupt:
 
 
 def _update_mask_undoably(layer: PrunedLinear, sparsity: float, undo: _UndoOnInterrupt) -> None:
-    new_sparsity, mask = layer.next_mask(sparsity)
+    new_sparsity, mask = next_mask(layer, sparsity)
     old_sparsity, old_mask = layer.sparsity, layer.mask.clone()
-    removed = old_mask & ~mask
-    values = layer.weight.detach()[removed].clone()  # only what this update zeroes
+    weight = local_tensor(layer.weight)  # this rank's rows when sharded
+    removed = local_part(old_mask & ~mask, layer.weight)
+    values = weight[removed].clone()  # only what this update zeroes
 
     def restore() -> None:
         layer.sparsity = old_sparsity
         layer.mask.copy_(old_mask)
-        layer.weight.detach()[removed] = values
+        weight[removed] = values
 
     undo.add(restore)
-    layer.set_mask_(new_sparsity, mask)
+    set_mask_(layer, new_sparsity, mask)
+
+
+def _local_restorer(
+    layer: LowRankLinear, params: list[torch.Tensor], rank: int
+) -> Callable[[], None]:
+    """Undo an in-place truncation from this rank's own parts (no collective call)."""
+    saved = [local_tensor(p).clone() for p in params]
+
+    def restore() -> None:
+        for param, values in zip(params, saved, strict=True):
+            local_tensor(param).copy_(values)
+        register_active_rank(layer, rank)
+
+    return restore
 
 
 def _factor_restorer(layer: LowRankLinear, u: nn.Module, v: nn.Module) -> Callable[[], None]:
@@ -299,7 +358,9 @@ def compression_metrics(model: nn.Module) -> dict[str, float]:
     top = [m for m in model.modules() if isinstance(m, CompressedLayer)]
     stored = sum(p.numel() for p in model.parameters())
     masked = sum(m.mask.numel() - int(m.mask.sum()) for m in pruned)
-    nonzero = stored - masked
+    # factors lowered in place (DDP, FSDP) keep their shapes: their zeroed directions are no params
+    dropped = sum((m.rank - effective_rank(m)) * (m.in_features + m.out_features) for m in lowrank)
+    nonzero = stored - masked - dropped
     inside = {id(p) for m in top for p in m.parameters()}
     dense_equivalent = sum(p.numel() for p in model.parameters() if id(p) not in inside)
     dense_equivalent += sum(m.dense_param_count() for m in top if not _is_factor(m, lowrank))
@@ -312,7 +373,7 @@ def compression_metrics(model: nn.Module) -> dict[str, float]:
         total = sum(m.mask.numel() for m in pruned)
         metrics["compression/sparsity"] = masked / total
     if lowrank:
-        metrics["compression/mean_rank"] = sum(m.rank for m in lowrank) / len(lowrank)
+        metrics["compression/mean_rank"] = sum(effective_rank(m) for m in lowrank) / len(lowrank)
     kron = _layers(model, KroneckerLinear)
     if kron:
         metrics["compression/kronecker_terms"] = float(sum(m.terms for m in kron.values()))

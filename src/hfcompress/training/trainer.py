@@ -2,28 +2,43 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import Trainer
+from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINING_ARGS_NAME
 
 from hfcompress.training.arguments import DistillationArguments, parse_layer_map
 from hfcompress.training.callbacks import CompressionLoggingCallback
+from hfcompress.training.distributed import fsdp_modules, is_sharded
 from hfcompress.training.losses import distillation_loss, hidden_state_loss
+from hfcompress.training.sharded_checkpoint import (
+    load_into_sharded,
+    load_optimizer,
+    save_full_checkpoint,
+    save_optimizer,
+)
 
 
 class DistillationTrainer(Trainer):
     """A Trainer whose loss is α·CE + (1 − α)·T²·KL(teacher ‖ student) [+ hidden-state MSE].
 
     Hinton et al. (2015) for the soft targets; TinyBERT (Jiao et al., 2020) for the hidden
-    states. Only ``compute_loss`` (and ``log``, to report the loss parts) are overridden, so
+    states. ``compute_loss`` (and ``log``, to report the loss parts) are overridden, so
     everything else — devices, DDP through accelerate, checkpoints, callbacks — is the Trainer's.
+
+    A student sharded before the Trainer sees it (FSDP2: ``shard_model`` or ``fully_shard``)
+    trains as it is: accelerate does not wrap it in DDP, and the checkpoint methods
+    (``save_model``, the optimizer state, resuming) gather and scatter its state, so that a saved
+    checkpoint is an ordinary hfcompress one (see :mod:`hfcompress.training.sharded_checkpoint`).
 
     Args:
         teacher: the frozen teacher. It is put in eval mode, its parameters stop requiring
             gradients, and it follows the student to its device on first use; it never enters the
-            optimizer. ``None`` trains on the labels alone.
+            optimizer. It may be whole on every rank or sharded (``shard_model``), whatever the
+            student. ``None`` trains on the labels alone.
         *args, **kwargs: as for ``transformers.Trainer``. The distillation settings come from
             ``args`` when it is a :class:`DistillationArguments` (defaults otherwise).
 
@@ -44,6 +59,10 @@ class DistillationTrainer(Trainer):
             teacher.requires_grad_(False)
         self._parts: dict[str, list[float]] = {"ce": [], "kd": [], "hidden": []}
         _compression_logging_first(self)
+        # Sharded before the Trainer: it reduces its own gradients. The Trainer's path for models
+        # sharded at load time keeps accelerate from wrapping it in DDP.
+        if is_sharded(self.model):
+            self.is_distributed_loading_by_transformers = True
 
     def _setting(self, name: str) -> Any:
         # plain TrainingArguments: DistillationArguments' own defaults (one place for them)
@@ -53,11 +72,18 @@ class DistillationTrainer(Trainer):
 
     def _teacher_outputs(self, inputs: dict[str, Any], device: torch.device, hidden: bool) -> Any:
         teacher = self.teacher
-        if next(teacher.parameters()).device != device:
+        sharded = is_sharded(teacher)
+        if not sharded and next(teacher.parameters()).device != device:
             teacher.to(device)
         teacher_inputs = {k: v for k, v in inputs.items() if k != "labels"}
         with torch.no_grad():
-            return teacher(**teacher_inputs, output_hidden_states=hidden)
+            outputs = teacher(**teacher_inputs, output_hidden_states=hidden)
+        if sharded:
+            # FSDP2 keeps the root's parameters gathered after forward, for a backward that a
+            # frozen teacher never runs: free them
+            for module in fsdp_modules(teacher):
+                module.reshard()
+        return outputs
 
     def compute_loss(
         self,
@@ -108,6 +134,56 @@ class DistillationTrainer(Trainer):
                     logs[f"loss_{name}"] = sum(values) / len(values)
                 values.clear()
         super().log(logs, start_time)
+
+    # ---- a sharded student: gathered checkpoints ----------------------------------------------
+
+    def _move_model_to_device(self, model: nn.Module, device: torch.device) -> None:
+        if not is_sharded(model):  # FSDP2 placed the shards
+            super()._move_model_to_device(model, device)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save an hfcompress checkpoint; a sharded student is gathered first (all ranks call).
+
+        The user's ``save_model`` drops the directions a distributed ``ProgressiveRankCallback``
+        zeroed, so the checkpoint has the scheduled ranks; Trainer checkpoints keep the training
+        shapes, which the saved optimizer state matches.
+        """
+        if not is_sharded(self.model):  # sharded: by the user (shard_model) or accelerate (fsdp=)
+            super().save_model(output_dir, _internal_call)
+            return
+        output_dir = self.args.output_dir if output_dir is None else output_dir
+        save_full_checkpoint(self.model, output_dir, drop_zero_directions=not _internal_call)
+        if self.args.should_save:
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(output_dir)
+            torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if self.is_fsdp_enabled or not is_sharded(self.model):  # accelerate's FSDP saves its own
+            super()._save_optimizer_and_scheduler(output_dir)
+            return
+        save_optimizer(self.model, self.optimizer, os.path.join(output_dir, OPTIMIZER_NAME))
+        if self.args.should_save:
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is None or self.is_fsdp_enabled or not is_sharded(self.model):
+            super()._load_optimizer_and_scheduler(checkpoint)
+            return
+        optimizer = os.path.join(checkpoint, OPTIMIZER_NAME)
+        scheduler = os.path.join(checkpoint, SCHEDULER_NAME)
+        if os.path.isfile(optimizer) and os.path.isfile(scheduler):
+            load_optimizer(self.model, self.optimizer, optimizer)
+            self.lr_scheduler.load_state_dict(torch.load(scheduler, weights_only=True))
+
+    def _load_from_checkpoint(
+        self, resume_from_checkpoint: str, model: nn.Module | None = None
+    ) -> None:
+        target = self.model if model is None else model
+        if is_sharded(target):
+            load_into_sharded(target, resume_from_checkpoint)
+        else:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
 
 
 def _compression_logging_first(trainer: Trainer) -> None:
