@@ -22,6 +22,8 @@ ORDER = [
     "stage",
     "layers",
     "stats",
+    "runner",
+    "structured",
     "formats",
     "registry",
     "methods",

@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import hfcompress.calibration as calibration_module
+import hfcompress.runner as runner_module
 import hfcompress.methods.prune.build as prune_build
 from conftest import BLOCK_LINEARS, model_output, tiny_inputs, tiny_model
 from hfcompress import HfCompressError, compress_model
@@ -129,7 +130,7 @@ def test_block_inputs_are_outputs_of_already_compressed_blocks(monkeypatch):
 def test_forward_groups_follow_the_data_flow(arch, block, expected):
     model = tiny_model(arch)
     names = [n for group in expected for n in group]
-    captured = calibration_module._capture_inputs(
+    captured = runner_module.capture_inputs(
         model, model.get_submodule(block), calibration_batches(CALIBRATION[:2])
     )
     shuffled = list(reversed(names))  # the order asked in does not matter

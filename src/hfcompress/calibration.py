@@ -11,138 +11,37 @@ the block, and runs the compressed block to produce the next block's inputs.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from collections.abc import Iterable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from hfcompress.errors import CalibrationError, InvalidParameterError
+from hfcompress.errors import CalibrationError
 from hfcompress.layers.base import source_kind
 from hfcompress.registry import ROW_WEIGHT_NEEDS, criterion_of, needs_calibration
+from hfcompress.runner import (
+    Batch,
+    calibration_batches,
+    collect_stats,
+    layer_stack,
+    recording_inputs,
+    run_layerwise,
+)
 from hfcompress.stats import InputStats, LayerStats
 from hfcompress.swap import Operation, Swapper
 
-Batch = dict[str, torch.Tensor]
-
-
-def calibration_batches(calibration: Any, batch_size: int = 8) -> list[Batch]:
-    """Normalize calibration data to a list of ``{"input_ids": [b, seq], ...}`` batches.
-
-    Accepts a LongTensor [n, seq], a list of tokenized examples (dicts with ``input_ids``, or
-    lists/tensors of ids), a ``datasets.Dataset`` with an ``input_ids`` column, or any iterable
-    of batches (a ``DataLoader``).
-
-    Raises:
-        InvalidParameterError: anything else, or no data.
-    """
-    batches: list[Batch] = []
-    if isinstance(calibration, (str, bytes)):
-        raise InvalidParameterError(
-            f"calibration: got a {type(calibration).__name__} ({str(calibration)[:40]!r}...); "
-            "pass token ids, e.g. tokenizer(texts, return_tensors='pt').input_ids "
-            "(a LongTensor [n, seq]), or a datasets.Dataset with input_ids"
-        )
-    if isinstance(calibration, torch.Tensor):
-        if calibration.dtype != torch.long or calibration.ndim != 2:
-            raise InvalidParameterError(
-                f"calibration: expected a LongTensor [n, seq], got {calibration.dtype} "
-                f"{list(calibration.shape)}"
-            )
-        batches = [{"input_ids": chunk} for chunk in calibration.split(batch_size)]
-    elif hasattr(calibration, "column_names"):  # a datasets.Dataset
-        if "input_ids" not in calibration.column_names:
-            raise InvalidParameterError(
-                "calibration: the dataset has no 'input_ids' column; "
-                f"it has {calibration.column_names}"
-            )
-        batches = [_as_batch(row) for row in calibration]
-    elif isinstance(calibration, Iterable):
-        batches = [_as_batch(item) for item in calibration]
-    else:
-        raise InvalidParameterError(
-            f"calibration: expected a LongTensor [n, seq], a list of tokenized examples, a "
-            f"datasets.Dataset with input_ids, or a DataLoader; got {type(calibration).__name__}"
-        )
-    if not batches:
-        raise InvalidParameterError("calibration: no examples")
-    return batches
-
-
-def _as_batch(item: Any) -> Batch:
-    if isinstance(item, dict) or hasattr(item, "keys"):
-        if "input_ids" not in item:
-            raise InvalidParameterError(
-                f"calibration: an example has no 'input_ids'; keys: {sorted(item.keys())}"
-            )
-        ids = torch.as_tensor(item["input_ids"])
-        batch = {"input_ids": ids if ids.ndim == 2 else ids.unsqueeze(0)}
-        if "attention_mask" in item:
-            mask = torch.as_tensor(item["attention_mask"])
-            batch["attention_mask"] = mask if mask.ndim == 2 else mask.unsqueeze(0)
-        return batch
-    ids = torch.as_tensor(item)
-    if ids.dtype not in (torch.long, torch.int, torch.int32):
-        raise InvalidParameterError(f"calibration: expected token ids, got {ids.dtype}")
-    return {"input_ids": (ids if ids.ndim == 2 else ids.unsqueeze(0)).long()}
-
-
-def layer_stack(model: nn.Module, module_names: Iterable[str]) -> tuple[str, nn.ModuleList]:
-    """The ``nn.ModuleList`` of blocks holding all of ``module_names`` (e.g. ``model.layers``).
-
-    Raises:
-        HfCompressError: no single layer stack holds them all.
-    """
-    names = list(module_names)
-    best: tuple[str, nn.ModuleList] | None = None
-    for prefix, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0:
-            inside = all(n.startswith(prefix + ".") for n in names)
-            if inside and (best is None or len(prefix) > len(best[0])):
-                best = (prefix, module)
-    if best is None:
-        raise CalibrationError(
-            f"calibration: data-aware criteria need their modules inside one stack of layers "
-            f"(an nn.ModuleList such as model.layers); these are not: {names[:4]}"
-        )
-    return best
-
-
-class _StopForwardSignal(Exception):  # noqa: N818 (control flow, not an error)
-    """Raised by the capture hook: the rest of the model need not run."""
-
-
-def _capture_inputs(model: nn.Module, first: nn.Module, batches: list[Batch]) -> list[tuple]:
-    captured: list[tuple] = []
-
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        captured.append((args, kwargs))
-        raise _StopForwardSignal
-
-    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
-    device = next(model.parameters()).device
-    try:
-        for batch in batches:
-            with torch.no_grad(), contextlib.suppress(_StopForwardSignal):
-                model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False)
-    finally:
-        handle.remove()
-    return captured
-
-
-def _next_inputs(block: nn.Module, inputs: list[tuple]) -> list[tuple]:
-    outputs = []
-    with torch.no_grad():
-        for args, kwargs in inputs:
-            out = block(*args, **kwargs)
-            hidden = out[0] if isinstance(out, (tuple, list)) else out
-            if args:
-                outputs.append(((hidden, *args[1:]), kwargs))
-            else:
-                outputs.append(((), {**kwargs, "hidden_states": hidden}))
-    return outputs
+__all__ = [
+    "Batch",
+    "InputStats",
+    "apply_layerwise",
+    "calibration_batches",
+    "collect_stats",
+    "forward_groups",
+    "layer_stack",
+    "recording_inputs",
+    "row_weights",
+    "run_layerwise",
+]
 
 
 def forward_groups(block: nn.Module, inputs: list[tuple], names: Iterable[str]) -> list[list[str]]:
@@ -182,68 +81,6 @@ def forward_groups(block: nn.Module, inputs: list[tuple], names: Iterable[str]) 
             group_inputs.append(x)
     missed = [n for n in wanted if all(n not in g for g in groups)]
     return groups + ([missed] if missed else [])
-
-
-def collect_stats(
-    block: nn.Module, inputs: list[tuple], wanted: dict[str, bool]
-) -> dict[str, InputStats]:
-    """Run ``block`` on its inputs and gather :class:`InputStats` for the modules in ``wanted``.
-
-    Args:
-        block: one block of the layer stack.
-        inputs: (args, kwargs) pairs, one per calibration batch.
-        wanted: {module name relative to the block: whether the Gram matrix X·Xᵀ is needed}.
-    """
-    with recording_inputs(block, wanted) as stats, torch.no_grad():
-        for args, kwargs in inputs:
-            block(*args, **kwargs)
-    return stats
-
-
-@contextlib.contextmanager
-def recording_inputs(root: nn.Module, wanted: dict[str, bool]) -> Iterator[dict[str, InputStats]]:
-    """Forward pre-hooks on ``root``'s submodules ``wanted`` (name -> Gram needed) that
-    accumulate their inputs' :class:`InputStats` while the context is open."""
-    stats = {name: InputStats(want_gram=gram) for name, gram in wanted.items()}
-    handles = [
-        root.get_submodule(name).register_forward_pre_hook(
-            lambda _module, args, s=stats[name]: s.add(args[0])
-        )
-        for name in wanted
-    ]
-    try:
-        yield stats
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def run_layerwise(
-    model: nn.Module,
-    batches: list[Batch],
-    stack: nn.ModuleList,
-    compress_block: Callable[[int, nn.Module, list[tuple]], None],
-    progress: bool = True,
-) -> None:
-    """Run ``stack`` block by block on calibration data, each block seeing compressed inputs.
-
-    ``compress_block(index, block, inputs)`` gathers what it needs (see :func:`collect_stats`)
-    and changes the block in place; its outputs then feed the next block.
-    """
-    was_training = model.training
-    model.eval()
-    try:
-        inputs = _capture_inputs(model, stack[0], batches)
-        for index, block in enumerate(_iterate(stack, progress)):
-            compress_block(index, block, inputs)
-            if index + 1 < len(stack):
-                inputs = _next_inputs(block, inputs)
-    finally:
-        model.train(was_training)
-
-
-def _iterate(stack: nn.ModuleList, progress: bool) -> Iterator[nn.Module]:
-    return iter(tqdm(stack, desc="hfcompress: calibrating", unit="block", disable=not progress))
 
 
 def fisher_row_importance(
