@@ -11,8 +11,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import hfcompress.calibration as calibration_module
-import hfcompress.runner as runner_module
 import hfcompress.methods.prune.build as prune_build
+import hfcompress.runner as runner_module
 from conftest import BLOCK_LINEARS, model_output, tiny_inputs, tiny_model
 from hfcompress import HfCompressError, compress_model
 from hfcompress.calibration import InputStats, calibration_batches, output_gradient_energy
