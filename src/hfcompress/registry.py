@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from torch import nn
 
@@ -46,11 +46,21 @@ if TYPE_CHECKING:
 #   "gram"           the inputs' Gram matrix X·Xᵀ (implies "inputs")
 #   "weight_fisher"  Σ (∂L/∂W)² per output row, measured on the dense model (FWSVD)
 #   "output_fisher"  Σ (∂L/∂y)² per output, measured on the dense model
-Need = Literal["inputs", "gram", "weight_fisher", "output_fisher"]
-NEEDS: tuple[Need, ...] = ("inputs", "gram", "weight_fisher", "output_fisher")
+#   "activations"    a model-scope method runs the model on calibration data itself
+#   "gradients"      a model-scope method needs the loss gradients of the weights it scores
+Need = Literal["inputs", "gram", "weight_fisher", "output_fisher", "activations", "gradients"]
+NEEDS: tuple[Need, ...] = (
+    "inputs",
+    "gram",
+    "weight_fisher",
+    "output_fisher",
+    "activations",
+    "gradients",
+)
 ROW_WEIGHT_NEEDS: tuple[Need, ...] = ("weight_fisher", "output_fisher")
 
 Builder = Callable[[nn.Module, StageBase, "LayerStats | None"], nn.Module]
+Scope = Literal["layer", "model"]
 
 
 @dataclass(frozen=True)
@@ -58,14 +68,16 @@ class Criterion:
     """One way to build a method's layer.
 
     Attributes:
-        build: ``build(module, stage, stats) -> new module``; ``module`` is what the stage meets
-            (a dense Linear/Conv1D, or an earlier stage's layer), ``stage`` has the module's
-            overrides applied, ``stats`` is None for a data-free criterion. It must not modify
-            ``module``.
+        build: for a layer-scope method, ``build(module, stage, stats) -> new module``;
+            ``module`` is what the stage meets (a dense Linear/Conv1D, or an earlier stage's
+            layer), ``stage`` has the module's overrides applied, ``stats`` is None for a
+            data-free criterion. It must not modify ``module``. For a model-scope method, the
+            function the method's ``transform`` calls to score what it removes (its signature
+            is the method's own).
         needs: the calibration statistics it needs; empty for a data-free criterion.
     """
 
-    build: Builder
+    build: Builder | Callable[..., Any]
     needs: frozenset[Need] = frozenset()
 
     def __post_init__(self) -> None:
@@ -81,6 +93,44 @@ class Criterion:
 PlanRule = Callable[[StageBase, Planned], Planned]
 
 
+@dataclass
+class ModelContext:
+    """What a model-scope method's ``transform`` is given besides the model and its stage.
+
+    Attributes:
+        where: the stage's place in the recipe, for messages (``"stages[0](width)"``).
+        batches: calibration batches (``hfcompress.runner.Batch``), or None.
+        journal: every change goes through it (``journal.setattr``), so that a failure
+            anywhere in ``compress_model`` puts the model back exactly.
+        progress: whether to show progress bars.
+        exclude: the recipe's ``exclude`` regex (the stage's own is on the stage).
+    """
+
+    where: str
+    batches: list[dict[str, Any]] | None
+    journal: Any  # hfcompress.structured.Journal (a later layer)
+    progress: bool = True
+    exclude: str | None = None
+
+
+@dataclass
+class StructuredChange:
+    """One module a model-scope method changed, for the report."""
+
+    name: str
+    method: str
+    shape_before: tuple[int, ...]
+    shape_after: tuple[int, ...]
+    params_before: int
+    params_after: int
+    settings: dict[str, Any]
+    output_error: float | None = None  # relative error of the changed output on calibration
+
+
+ModelCheck = Callable[[nn.Module, StageBase, ModelContext], list[str]]
+ModelTransform = Callable[[nn.Module, StageBase, ModelContext], list[StructuredChange]]
+
+
 @dataclass(frozen=True)
 class Method:
     """Everything hfcompress knows about one method.
@@ -90,9 +140,17 @@ class Method:
         stage: its pydantic stage class (with ``method: Literal[name]`` and ``criterion``).
         criteria: criterion name -> :class:`Criterion`. The stage's ``criterion`` field must
             admit exactly these names.
-        plan: validates the stage on a module of the given :class:`Planned` shape, using the
-            layers' own constructors on the meta device, and returns what the module becomes.
-            Raises ``InvalidParameterError`` naming the field.
+        plan: (layer scope) validates the stage on a module of the given :class:`Planned`
+            shape, using the layers' own constructors on the meta device, and returns what the
+            module becomes. Raises ``InvalidParameterError`` naming the field.
+        scope: ``"layer"`` (the method replaces Linear/Conv1D modules one by one, through
+            ``plan`` and the criteria's builders) or ``"model"`` (structured: the method
+            changes the architecture itself, through ``check`` and ``transform``; its stages
+            run before any layer-scope stage).
+        check: (model scope) ``check(model, stage, context) -> errors``: every problem of the
+            stage on this model, each naming the field, without changing anything.
+        transform: (model scope) ``transform(model, stage, context) -> changes``: applies
+            the stage, every change through ``context.journal``.
         after: the kinds of module the method may act on (``"dense"``, another method's name).
         layers: the layer classes it makes, rebuilt from their specs when loading.
         description: one line for listings (CLI help, docs).
@@ -101,10 +159,13 @@ class Method:
     name: str
     stage: type[StageBase]
     criteria: Mapping[str, Criterion]
-    plan: PlanRule
+    plan: PlanRule | None = None
     after: frozenset[str] = frozenset({"dense"})
     layers: tuple[type[CompressedLayer], ...] = ()
     description: str = ""
+    scope: Scope = "layer"
+    check: ModelCheck | None = None
+    transform: ModelTransform | None = None
 
     def criterion(self, name: str) -> Criterion:
         """The criterion ``name``.
@@ -140,6 +201,13 @@ def register_method(method: Method) -> Method:
         )
     if not method.criteria:
         raise RegistrationError(f"register_method({method.name!r}): at least one criterion")
+    needed = ("plan",) if method.scope == "layer" else ("check", "transform")
+    missing = [field for field in needed if getattr(method, field) is None]
+    if missing or method.scope not in ("layer", "model"):
+        raise RegistrationError(
+            f"register_method({method.name!r}): scope {method.scope!r} needs {list(needed)}; "
+            f"missing {missing}"
+        )
     for layer in method.layers:
         register_layer_class(layer)
     _METHODS[method.name] = method
@@ -186,4 +254,9 @@ def needs_calibration(stage: StageBase) -> bool:
 
 def compositions() -> set[tuple[str, str]]:
     """Every (kind acted on, method) pair the registry allows: ('dense', 'prune'), ..."""
-    return {(kind, m.name) for m in _METHODS.values() for kind in m.after}
+    return {(kind, m.name) for m in _METHODS.values() if m.scope == "layer" for kind in m.after}
+
+
+def is_model_scope(stage: StageBase) -> bool:
+    """Whether the stage's method changes the architecture (a structured method)."""
+    return get_method(stage.method_name).scope == "model"

@@ -16,13 +16,20 @@ class ModuleReport:
 
     name: str
     methods: list[str]
-    shape: tuple[int, int]  # [out, in]
+    shape: tuple[int, ...]  # [out, in] of a Linear; a structured row: its structure's sizes
     source: str
     params_before: int
     params_after: int  # parameters that can be non-zero
     settings: dict[str, Any]
     rel_error: float | None  # ‖W − Ŵ‖_F / ‖W‖_F against the weight before the recipe
     output_error: float | None = None  # ‖(W − Ŵ)X‖_F / ‖WX‖_F on calibration inputs, if known
+    shape_after: tuple[int, ...] | None = None  # a structured row: the sizes after
+
+    def shape_text(self) -> str:
+        before = "[" + ", ".join(map(str, self.shape)) + "]"
+        if self.shape_after is None:
+            return before
+        return before + " → [" + ", ".join(map(str, self.shape_after)) + "]"
 
 
 @dataclass
@@ -48,7 +55,12 @@ class CompressionReport:
     def to_dict(self) -> dict[str, Any]:
         return {
             "dry_run": self.dry_run,
-            "modules": [vars(m) | {"shape": list(m.shape)} for m in self.modules],
+            "modules": [
+                vars(m)
+                | {"shape": list(m.shape)}
+                | ({"shape_after": list(m.shape_after)} if m.shape_after is not None else {})
+                for m in self.modules
+            ],
             "skipped": [{"module": n, "reason": r} for n, r in self.skipped],
             "params_before": self.params_before,
             "params_after": self.params_after,
@@ -59,7 +71,7 @@ class CompressionReport:
     def table(self) -> Table:
         title = "hfcompress: " + ("dry run, nothing changed" if self.dry_run else "compressed")
         table = Table(title=title)
-        for col in ["module", "method", "W [out, in]", "params before", "params after", "setting"]:
+        for col in ["module", "method", "shape", "params before", "params after", "setting"]:
             table.add_column(col, justify="right" if "params" in col else "left")
         table.add_column("rel. error", justify="right")
         with_output = any(m.output_error is not None for m in self.modules)
@@ -70,7 +82,7 @@ class CompressionReport:
             row = [
                 m.name,
                 "+".join(m.methods),
-                f"[{m.shape[0]}, {m.shape[1]}]",
+                m.shape_text(),
                 f"{m.params_before:,}",
                 f"{m.params_after:,}",
                 setting,

@@ -44,6 +44,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import ConversionOps, WeightConverter
+from transformers.pytorch_utils import Conv1D
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
@@ -73,6 +74,7 @@ from hfcompress.layers import (
     layer_from_spec,
 )
 from hfcompress.methods.prune.format import BITMASK_SUFFIX, sparse_decode, sparse_encode
+from hfcompress.structured.reference import SETTINGS
 from hfcompress.surgery import (
     QUANT_METHOD,
     SPEC_FORMAT_VERSION,
@@ -187,6 +189,8 @@ class HfCompressConfig(QuantizationConfigMixin):
         modules: dict[str, dict[str, Any]] | None = None,
         format_version: int = SPEC_FORMAT_VERSION,
         hfcompress_version: str | None = None,
+        shapes: dict[str, dict[str, Any]] | None = None,
+        settings: dict[str, dict[str, Any]] | None = None,
         **kwargs: Any,
     ) -> None:
         kwargs.pop("quant_method", None)
@@ -210,6 +214,94 @@ class HfCompressConfig(QuantizationConfigMixin):
         self.format_version = format_version
         self.hfcompress_version = hfcompress_version or __version__
         self.modules = modules
+        self.shapes = _checked_shapes(shapes)
+        self.settings = _checked_settings(settings)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = super().to_dict()
+        for key in ("shapes", "settings"):
+            if not data.get(key):
+                data.pop(key, None)
+        return data
+
+
+def _checked_shapes(shapes: Any) -> dict[str, dict[str, Any]]:
+    """``quantization_config.shapes``: {module: {kind, out, in, bias}} of structurally pruned
+    Linear/Conv1D modules whose shapes the config cannot describe (per-layer widths)."""
+    if shapes is None:
+        return {}
+    if not isinstance(shapes, dict):
+        raise CheckpointError(
+            f"config.json quantization_config.shapes: expected a mapping, got "
+            f"{type(shapes).__name__}"
+        )
+    for name, shape in shapes.items():
+        where = f"config.json quantization_config.shapes[{name!r}]"
+        if not isinstance(shape, dict) or set(shape) != {"kind", "out", "in", "bias"}:
+            raise CheckpointError(f"{where}: expected keys kind, out, in, bias; got {shape!r}")
+        if shape["kind"] not in ("linear", "conv1d"):
+            raise CheckpointError(
+                f"{where}.kind: expected 'linear' or 'conv1d', got {shape['kind']!r}"
+            )
+        for key in ("out", "in"):
+            value = shape[key]
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise CheckpointError(f"{where}.{key}: expected a positive integer, got {value!r}")
+        if not isinstance(shape["bias"], bool):
+            raise CheckpointError(f"{where}.bias: expected true/false, got {shape['bias']!r}")
+    return shapes
+
+
+def _checked_settings(settings: Any) -> dict[str, dict[str, Any]]:
+    """``quantization_config.settings``: {module: {attribute: int}} (per-layer head counts)."""
+    if settings is None:
+        return {}
+    if not isinstance(settings, dict) or not all(
+        isinstance(v, dict)
+        and all(isinstance(x, int) and not isinstance(x, bool) for x in v.values())
+        for v in settings.values()
+    ):
+        raise CheckpointError(
+            "config.json quantization_config.settings: expected {module: {attribute: integer}}"
+        )
+    return settings
+
+
+def _rebuild_shapes(model: nn.Module, config: HfCompressConfig) -> None:
+    """Give the modules in ``config.shapes`` their recorded shapes and ``config.settings``
+    their attributes, before the weights load (every entry is checked before any change)."""
+    plan = []
+    for spec_name, shape in config.shapes.items():
+        name = _resolve(model, spec_name)
+        old = model.get_submodule(name)
+        if not isinstance(old, (nn.Linear, Conv1D)):
+            raise CheckpointError(
+                f"config.json quantization_config.shapes[{spec_name!r}]: the model's module is "
+                f"a {type(old).__name__}, not a Linear/Conv1D"
+            )
+        plan.append((name, shape, old))
+    attributes = []
+    for spec_name, values in config.settings.items():
+        name = _resolve(model, spec_name)
+        unknown = set(values) - set(SETTINGS)
+        if unknown:
+            raise CheckpointError(
+                f"config.json quantization_config.settings[{spec_name!r}]: unknown attributes "
+                f"{sorted(unknown)}; known: {list(SETTINGS)}"
+            )
+        attributes.append((model.get_submodule(name), values))
+    for name, shape, old in plan:
+        weight = old.weight
+        if shape["kind"] == "conv1d":
+            new: nn.Module = Conv1D(nf=shape["out"], nx=shape["in"])
+        else:
+            new = nn.Linear(shape["in"], shape["out"], bias=shape["bias"], device="meta")
+        new = new.to(device=weight.device, dtype=weight.dtype)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    for module, values in attributes:
+        for key, value in values.items():
+            setattr(module, key, value)
 
 
 def _pruned_layers(model: nn.Module) -> dict[str, PrunedLinear]:
@@ -337,6 +429,8 @@ class HfCompressQuantizer(HfQuantizer):
             for pair in (getattr(model, "all_tied_weights_keys", None) or {}).items()
             for k in pair
         }
+        # structurally pruned shapes first: the layer specs are checked against them
+        _rebuild_shapes(model, self.quantization_config)
         plan = []
         bitmask_checks: list[_PrunedCheck] = []
         for spec_name, spec in self.quantization_config.modules.items():

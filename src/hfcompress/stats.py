@@ -19,12 +19,14 @@ class InputStats:
         count: N, the tokens seen.
         sq_sum: Σ x² per input feature, [in]; ‖X_j‖₂ = √sq_sum (Wanda).
         abs_sum: Σ |x| per input feature, [in]; mean |x_j| = abs_sum / N (ASVD).
+        total: Σ x per input feature, [in] (the refit of a Linear with a bias needs the mean).
         gram: Σ x·xᵀ, [in, in] = X·Xᵀ (SparseGPT's Hessian, SVD-LLM's whitening); only when asked.
     """
 
     count: int = 0
     sq_sum: torch.Tensor | None = None
     abs_sum: torch.Tensor | None = None
+    total: torch.Tensor | None = None
     gram: torch.Tensor | None = None
     want_gram: bool = field(default=False, repr=False)
 
@@ -33,11 +35,13 @@ class InputStats:
         if self.sq_sum is None:
             self.sq_sum = torch.zeros(x.shape[1], device=x.device)
             self.abs_sum = torch.zeros(x.shape[1], device=x.device)
+            self.total = torch.zeros(x.shape[1], device=x.device)
             if self.want_gram:
                 self.gram = torch.zeros(x.shape[1], x.shape[1], device=x.device)
         self.count += x.shape[0]
         self.sq_sum += x.square().sum(0)
         self.abs_sum += x.abs().sum(0)
+        self.total += x.sum(0)
         if self.gram is not None:
             self.gram.addmm_(x.T, x)
 

@@ -18,11 +18,19 @@ from tqdm.auto import tqdm
 
 from hfcompress._version import __version__
 from hfcompress.calibration import apply_layerwise, calibration_batches
-from hfcompress.errors import DecompositionError, HfCompressError
+from hfcompress.errors import DecompositionError, HfCompressError, RecipeError
 from hfcompress.layers.base import CompressedLayer, count_parameters, dense_weight_of
 from hfcompress.recipe import Recipe
-from hfcompress.registry import needs_calibration
+from hfcompress.registry import (
+    ModelContext,
+    StructuredChange,
+    get_method,
+    is_model_scope,
+    needs_calibration,
+)
 from hfcompress.report import CompressionReport, ModuleReport
+from hfcompress.stage import StageBase
+from hfcompress.structured import Journal, structural_differences
 from hfcompress.swap import Operation, Swapper
 from hfcompress.validation import compressible_modules, plan_compression, tied_modules
 
@@ -112,18 +120,34 @@ def compress_model(
         ...     {"method": "lowrank", "targets": r".*mlp\\..*", "ratio": 0.5}]})
         >>> print(report)
     """
+    recipe = Recipe.load(recipe)
     batches = (
         None if calibration is None else calibration_batches(calibration, calibration_batch_size)
     )
-    ops, skipped = plan_compression(model, recipe, calibrated=batches is not None)
-    report = CompressionReport(skipped=skipped, dry_run=dry_run)
+    journal = Journal()
+    structured = _structured_stages(recipe, batches, journal, progress)
+    if structured:
+        _check_structured(model, structured)
+        ops, skipped = [], []
+    else:
+        ops, skipped = plan_compression(model, recipe, calibrated=batches is not None)
+    report = CompressionReport(dry_run=dry_run)
     report.model_params_before = count_parameters(model)
-    calibrated = any(needs_calibration(op.stage) for op in ops)
-    # The layer-by-layer pass must really swap modules so later blocks see them; a dry run
-    # then undoes everything, exactly as a failure does.
-    applier = Swapper(model, swap=not dry_run or calibrated)
+    applier = Swapper(model, swap=True)
+    changes: list[StructuredChange] = []
+    where = "before any module was replaced"
     try:
         with torch.no_grad():
+            for stage, context in structured:
+                where = f"in {context.where}"
+                changes += get_method(stage.method_name).transform(model, stage, context)
+            if structured:
+                where = "after the structured stages, planning the others"
+                ops, skipped = plan_compression(model, recipe, calibrated=batches is not None)
+            calibrated = any(needs_calibration(op.stage) for op in ops)
+            # The layer-by-layer pass must really swap modules so later blocks see them; a dry
+            # run then undoes everything, exactly as a failure does.
+            applier.swap = not dry_run or calibrated or bool(structured)
             if calibrated:
                 apply_layerwise(model, ops, batches, applier, progress, true_sequential)
             else:
@@ -132,28 +156,78 @@ def compress_model(
     except BaseException as error:
         # Anything at all, Ctrl-C included: put every original module back first.
         applier.undo()
+        journal.undo()
         op = applier.last
-        where = (
-            "before any module was replaced"
-            if op is None
-            else f"on module {op.module_name!r} in stages[{op.stage_index}] "
-            f"({op.stage.method_name})"
-        )
-        if not _is_decomposition_failure(error):
+        if op is not None:
+            where = (
+                f"on module {op.module_name!r} in stages[{op.stage_index}] ({op.stage.method_name})"
+            )
+        if isinstance(error, RecipeError) or not _is_decomposition_failure(error):
             # Interrupts, out-of-memory and programming errors propagate as themselves.
             _add_note(error, f"hfcompress: compress_model stopped {where}; model restored")
             raise
         raise DecompositionError(
             f"compress_model: failed {where}; the model was restored unchanged: {error}"
         ) from error
-    report.modules = _report_rows(applier)
+    report.skipped = skipped
+    report.modules = [_structured_row(change) for change in changes] + _report_rows(applier)
     saved = sum(m.params_before - m.params_after for m in report.modules)
     report.model_params_after = report.model_params_before - saved
     if dry_run:
         applier.undo()
+        journal.undo()
     else:
         record_compression(model)
     return report
+
+
+def _structured_stages(
+    recipe: Recipe, batches: list | None, journal: Journal, progress: bool
+) -> list[tuple[StageBase, ModelContext]]:
+    """The recipe's model-scope stages with their contexts; they must come first.
+
+    Raises:
+        RecipeError: a structured stage after a per-Linear one (whose modules it would change).
+    """
+    found: list[tuple[StageBase, ModelContext]] = []
+    first_layer: str | None = None
+    for index, stage in enumerate(recipe.stages):
+        where = f"stages[{index}]({stage.method_name})"
+        if not is_model_scope(stage):
+            first_layer = first_layer or where
+            continue
+        if first_layer is not None:
+            raise RecipeError(
+                f"{where}: {stage.method_name!r} changes the architecture, so it must come "
+                f"before every per-Linear stage; move it before {first_layer}"
+            )
+        found.append((stage, ModelContext(where, batches, journal, progress, recipe.exclude)))
+    return found
+
+
+def _check_structured(model: nn.Module, structured: list[tuple[StageBase, ModelContext]]) -> None:
+    """Every structured stage checked against the model as it is, before anything changes."""
+    errors = []
+    for stage, context in structured:
+        errors += get_method(stage.method_name).check(model, stage, context)
+    if errors:
+        shown = errors[:20] + ([f"... and {len(errors) - 20} more"] if len(errors) > 20 else [])
+        raise RecipeError("recipe does not fit the model:\n  " + "\n  ".join(shown))
+
+
+def _structured_row(change: StructuredChange) -> ModuleReport:
+    return ModuleReport(
+        name=change.name,
+        methods=[change.method],
+        shape=change.shape_before,
+        shape_after=change.shape_after,
+        source="structured",
+        params_before=change.params_before,
+        params_after=change.params_after,
+        settings=change.settings,
+        rel_error=None,
+        output_error=change.output_error,
+    )
 
 
 def _is_decomposition_failure(error: BaseException) -> bool:
@@ -228,11 +302,30 @@ def record_compression(model: nn.Module) -> None:
     if config is None:
         return
     specs = compression_spec(model)
+    shapes, settings = structural_differences(model)
+    if not (specs or shapes or settings):
+        # Structured compression only, every layer alike: the config alone describes the
+        # model, which saves as a plain checkpoint that loads anywhere.
+        make_plain(model)
+        return
     config.quantization_config = {
         "quant_method": QUANT_METHOD,
         "format_version": SPEC_FORMAT_VERSION,
         "hfcompress_version": __version__,
         "modules": specs,
+        **({"shapes": shapes} if shapes else {}),
+        **({"settings": settings} if settings else {}),
     }
     for hook in _RECORD_HOOKS:
         hook(model)
+
+
+def make_plain(model: nn.Module) -> None:
+    """Forget hfcompress's ``quantization_config`` and quantizer: a plain transformers model."""
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "quantization_config"):
+        del config.quantization_config
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    if getattr(model, "is_quantized", False):
+        model.is_quantized = False

@@ -15,7 +15,7 @@ from hfcompress.errors import HfCompressError, InvalidParameterError
 from hfcompress.layers.base import CompressedLayer, Planned, dense_weight_of, source_kind
 from hfcompress.matching import fullmatch, select
 from hfcompress.recipe import Recipe, RecipeError
-from hfcompress.registry import compositions, get_method, needs_calibration
+from hfcompress.registry import compositions, get_method, is_model_scope, needs_calibration
 from hfcompress.stage import StageBase
 from hfcompress.swap import Operation
 
@@ -112,6 +112,9 @@ def plan_compression(
         calibrated: whether calibration data will be given; criteria that need it are refused
             otherwise.
 
+    Structured (model-scope) stages are not planned here: they change the model's shapes, so
+    ``compress_model`` checks and applies them first and then plans the rest on the result.
+
     Returns:
         The operations in order, and the (module, reason) pairs skipped (tied weights).
 
@@ -126,6 +129,8 @@ def plan_compression(
     errors: list[str] = []
     per_module: dict[tuple[str, str], list[str]] = {}  # (stage, message) -> modules
     for index, stage in enumerate(recipe.stages):
+        if is_model_scope(stage):
+            continue  # structured stages: checked and applied by compress_model, first
         where = f"stages[{index}]({stage.method_name})"
         targeted = select(stage.targets, units, f"{where}.targets")
         matched = [n for n in targeted if not _excluded(n, recipe, stage)]

@@ -1,0 +1,480 @@
+"""Width pruning of MLPs: score channels, keep the best, refit the down projection.
+
+Minitron (Muralidharan et al. 2024) scores an MLP's intermediate channels by their activations
+on calibration data and removes the weakest, leaving a smaller ordinary MLP. Removing channel j
+deletes row j of the producers (gate/up) and column j of the consumer (down). FLAP (An et al.
+2024) and ZipLM (Kurtic et al. 2023) then compensate: with X_K the kept channels' activations,
+the consumer's new weight is the least-squares fit of the old output,
+
+    W' = argmin ‖W·X + b − (W'·X_K + b')‖²_F = [W·G[:, K] + b·s_Kᵀ,  W·s + n·b] · Ĝ⁻¹,
+
+G = X·Xᵀ [I, I], s = Σx [I], n tokens, Ĝ the Gram of [X_K; 1] (the bias row only if the layer
+has a bias), solved in float64 with a small ridge term.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from hfcompress.errors import InvalidParameterError
+from hfcompress.methods.width.config import WidthStage
+from hfcompress.registry import ModelContext, StructuredChange
+from hfcompress.runner import collect_stats, run_layerwise
+from hfcompress.stats import InputStats
+from hfcompress.structured import (
+    Journal,
+    MlpParts,
+    dense_weight,
+    find_mlps,
+    mlp_parts,
+    select_inputs,
+    select_outputs,
+)
+from hfcompress.structured.architectures import WIDTH_CONFIG_KEYS
+from hfcompress.structured.targets import grouped_errors, no_match_message, select_modules
+
+DATA_CRITERIA = frozenset({"activation", "taylor"})
+
+
+# --- what the stage acts on -------------------------------------------------------------------
+
+
+def _targets(model: nn.Module, stage: WidthStage, context: ModelContext) -> list[str]:
+    return select_modules(model, stage.targets, (context.exclude, stage.exclude), context.where)
+
+
+def _refit(stage: WidthStage, context: ModelContext) -> bool:
+    return stage.refit if stage.refit is not None else context.batches is not None
+
+
+def kept_count(stage: WidthStage, width: int) -> int:
+    """Channels kept of ``width``: ``keep``·width rounded to ``multiple_of``, within [1, width]."""
+    step = stage.multiple_of
+    count = round(stage.keep * width / step) * step
+    return min(width, max(count, min(step, width)))
+
+
+def check_width(model: nn.Module, stage: WidthStage, context: ModelContext) -> list[str]:
+    """Every problem of the stage on ``model``, each naming the field; changes nothing."""
+    where = context.where
+    errors = []
+    calibrated = context.batches is not None
+    if stage.criterion in DATA_CRITERIA and not calibrated:
+        errors.append(
+            f"{where}.criterion: {stage.criterion!r} needs calibration data; pass "
+            "compress_model(model, recipe, calibration=...) or use 'magnitude'"
+        )
+    if stage.refit and not calibrated:
+        errors.append(
+            f"{where}.refit: the least-squares refit needs calibration data; pass "
+            "calibration=... or set refit: false"
+        )
+    if stage.criterion == "taylor" and not has_lm_head(model):
+        errors.append(
+            f"{where}.criterion: 'taylor' needs the loss gradients of a language model "
+            f"(labels = input_ids); {type(model).__name__} has no language-model head; use "
+            "'activation' or 'magnitude'"
+        )
+    names = _targets(model, stage, context)
+    if not names:
+        return [*errors, no_match_message(where, stage.targets, find_mlps(model), "MLP modules")]
+    parts, problems = grouped_errors(where, names, lambda n: mlp_parts(model, n))
+    errors += problems
+    if calibrated and (stage.criterion in DATA_CRITERIA or _refit(stage, context)) and parts:
+        try:
+            _stacks(model, list(parts))
+        except InvalidParameterError as error:
+            errors.append(f"{where}.targets: {error}")
+    return errors
+
+
+def has_lm_head(model: nn.Module) -> bool:
+    """Whether the model predicts tokens (its loss with labels = input_ids is meaningful)."""
+    getter = getattr(model, "get_output_embeddings", None)
+    return callable(getter) and getter() is not None
+
+
+def _stacks(model: nn.Module, names: list[str]) -> dict[str, list[str]]:
+    """MLP names grouped by the layer stack (``model.layers``, ``encoder.block``) holding them."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(outer_stack(model, name)[0], []).append(name)
+    return groups
+
+
+def outer_stack(model: nn.Module, name: str) -> tuple[str, nn.ModuleList]:
+    """The outermost ``nn.ModuleList`` holding module ``name``: the model's blocks (T5's
+    ``encoder.block``, not the sub-layer list inside each block).
+
+    Raises:
+        InvalidParameterError: none holds it.
+    """
+    for prefix, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) and name.startswith(prefix + "."):
+            return prefix, module
+    raise InvalidParameterError(
+        f"{name!r} is not inside a stack of blocks (nn.ModuleList), which calibration runs "
+        "block by block"
+    )
+
+
+def model_batches(model: nn.Module, batches: list[dict]) -> list[dict]:
+    """Calibration batches the model's forward accepts: an encoder-decoder also reads the
+    tokens as its decoder input."""
+    config = getattr(model, "config", None)
+    if not getattr(config, "is_encoder_decoder", False):
+        return batches
+    return [{**b, "decoder_input_ids": b.get("decoder_input_ids", b["input_ids"])} for b in batches]
+
+
+# --- importance -------------------------------------------------------------------------------
+
+
+def _producer_rows(weight: torch.Tensor, parts: MlpParts) -> torch.Tensor:
+    """A producer's rows as [width, k, in]: k = 2 for a fused [gate; up] producer."""
+    if parts.layout.fused:
+        return weight.reshape(2, parts.width, -1).transpose(0, 1)
+    return weight.unsqueeze(1)
+
+
+def magnitude_scores(model: nn.Module, parts: MlpParts, stats: InputStats | None) -> torch.Tensor:
+    """‖W_down[:, j]‖ · ‖(W_gate, W_up)[j, :]‖ per channel j, [width] (data-free)."""
+    consumer = dense_weight(model.get_submodule(parts.consumer_name)).detach().float()
+    rows = torch.zeros(parts.width, device=consumer.device)
+    for name in parts.producer_names():
+        weight = dense_weight(model.get_submodule(name)).detach().float()
+        rows += _producer_rows(weight, parts).square().sum((1, 2))
+    return consumer.norm(dim=0) * rows.sqrt()
+
+
+def activation_scores(model: nn.Module, parts: MlpParts, stats: InputStats | None) -> torch.Tensor:
+    """E[x_j²] · ‖W_down[:, j]‖² per channel j, [width]: the energy channel j adds to the
+    MLP's output (exact for uncorrelated channels); x is the down projection's input."""
+    if stats is None or stats.sq_sum is None:
+        raise InvalidParameterError("criterion: 'activation' needs calibration statistics")
+    consumer = dense_weight(model.get_submodule(parts.consumer_name)).detach().float()
+    energy = stats.sq_sum.to(consumer.device) / max(stats.count, 1)
+    return energy * consumer.square().sum(0)
+
+
+def taylor_scores(
+    model: nn.Module, parts: MlpParts, grads: dict[str, torch.Tensor]
+) -> torch.Tensor:
+    """Σ |w · ∂L/∂w| over channel j's weights (producer rows, consumer column), [width]."""
+    consumer = model.get_submodule(parts.consumer_name)
+    score = (dense_weight(consumer).detach().float() * grads[parts.consumer_name]).abs().sum(0)
+    for name in parts.producer_names():
+        module = model.get_submodule(name)
+        saliency = (dense_weight(module).detach().float() * grads[name]).abs()
+        score = score + _producer_rows(saliency, parts).sum((1, 2))
+        if module.bias is not None and f"{name}.bias" in grads:
+            bias = (module.bias.detach().float() * grads[f"{name}.bias"]).abs()
+            score = score + _producer_rows(bias.unsqueeze(1), parts).sum((1, 2))
+    return score
+
+
+def loss_gradients(
+    model: nn.Module, names: list[str], batches: list[dict[str, torch.Tensor]]
+) -> dict[str, torch.Tensor]:
+    """Σ over calibration batches of ∂L/∂W (logical [out, in]) and ∂L/∂b for modules ``names``,
+    L the language-model loss (labels = input_ids). Other parameters get no gradient."""
+    modules = {n: model.get_submodule(n) for n in names}
+    flags = {p: p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    grads: dict[str, torch.Tensor] = {}
+    try:
+        model.eval()
+        for parameter in flags:
+            parameter.requires_grad_(False)
+        for module in modules.values():
+            for parameter in module.parameters():
+                parameter.requires_grad_(True)
+                parameter.grad = None
+        device = next(model.parameters()).device
+        for batch in model_batches(model, batches):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            labels = batch.get("decoder_input_ids", batch["input_ids"])
+            with torch.enable_grad():
+                output = model(**batch, labels=labels, use_cache=False)
+            if getattr(output, "loss", None) is None:
+                raise InvalidParameterError(
+                    "criterion: 'taylor' needs a model with a language-model head "
+                    f"(forward(labels=input_ids) returning a loss); {type(model).__name__} "
+                    "returned none"
+                )
+            output.loss.backward()
+        for name, module in modules.items():
+            weight = module.weight.grad
+            grads[name] = (
+                weight.T if weight.shape != dense_weight(module).shape else weight
+            ).float()
+            if module.bias is not None and module.bias.grad is not None:
+                grads[f"{name}.bias"] = module.bias.grad.float()
+    finally:
+        for module in modules.values():
+            for parameter in module.parameters():
+                parameter.grad = None
+        for parameter, flag in flags.items():
+            parameter.requires_grad_(flag)
+        model.train(was_training)
+    return grads
+
+
+# --- the refit --------------------------------------------------------------------------------
+
+
+def refit_consumer(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stats: InputStats,
+    keep: torch.Tensor,
+    damping: float,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The least-squares W' [out, |K|] (and b') reproducing W·x + b from the kept inputs x_K.
+
+    Args:
+        weight: W [out, in]; bias: b [out] or None (then no constant term is fitted).
+        stats: the inputs' statistics with the Gram matrix (``gram``, ``total``, ``count``).
+        keep: the kept input indices K.
+        damping: ridge λ relative to mean(diag G_KK).
+
+    Returns:
+        W' in ``weight``'s dtype and b' (None without a bias).
+    """
+    G = stats.gram.double().to(weight.device)
+    W = weight.detach().double()
+    K = keep.to(weight.device)
+    cross = W @ G[:, K]  # [out, |K|]: Σ y·x_Kᵀ without the bias part
+    gram = G[K][:, K]
+    if bias is not None:
+        s = stats.total.double().to(weight.device)
+        b = bias.detach().double()
+        n = float(stats.count)
+        cross = torch.cat([cross + torch.outer(b, s[K]), (W @ s + n * b).unsqueeze(1)], dim=1)
+        gram = torch.cat(
+            [torch.cat([gram, s[K].unsqueeze(1)], 1), torch.cat([s[K], s.new_tensor([n])])[None]],
+            0,
+        )
+    size = len(K)
+    ridge = damping * float(gram.diagonal()[:size].mean().clamp_min(1e-12))
+    solution = _ridge_solve(gram, cross, ridge, size)
+    new_weight = solution[:, :size].to(weight.dtype)
+    new_bias = None if bias is None else solution[:, size].to(bias.dtype)
+    return new_weight, new_bias
+
+
+def _ridge_solve(gram: torch.Tensor, cross: torch.Tensor, ridge: float, size: int) -> torch.Tensor:
+    """cross · (gram + ridge·I_size)⁻¹ by Cholesky; the ridge grows until the factor exists."""
+    eye = torch.zeros_like(gram)
+    eye.diagonal()[:size] = 1.0
+    scale = float(gram.diagonal()[:size].mean().clamp_min(1e-12))
+    for attempt in range(8):
+        factor, info = torch.linalg.cholesky_ex(gram + ridge * eye)
+        if int(info) == 0:
+            return torch.cholesky_solve(cross.T, factor).T
+        ridge = max(ridge * 10, scale * 1e-8 * 10**attempt)
+    raise InvalidParameterError(
+        "refit: the kept channels' Gram matrix is not positive definite even with a ridge of "
+        f"{ridge:.3g}; set refit: false or give more calibration data"
+    )
+
+
+def _output_error(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    new_weight: torch.Tensor,
+    new_bias: torch.Tensor | None,
+    keep: torch.Tensor,
+    stats: InputStats,
+) -> float:
+    """‖(W x + b) − (W' x_K + b')‖ / ‖W x + b‖ over the calibration inputs, from their Gram."""
+    device = weight.device
+    G = stats.gram.float().to(device)
+    s = stats.total.float().to(device)
+    n = float(stats.count)
+    old_w = weight.detach().float()
+    delta = old_w.clone()
+    delta[:, keep.to(device)] -= new_weight.float()
+    b_old = torch.zeros(old_w.shape[0], device=device) if bias is None else bias.detach().float()
+    b_new = torch.zeros_like(b_old) if new_bias is None else new_bias.detach().float()
+    d_b = b_old - b_new
+
+    def energy(D: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return ((D @ G) * D).sum() + 2 * (D @ s * c).sum() + n * c.square().sum()
+
+    return float(
+        energy(delta, d_b).clamp_min(0).sqrt() / energy(old_w, b_old).clamp_min(1e-30).sqrt()
+    )
+
+
+# --- applying ---------------------------------------------------------------------------------
+
+
+def _params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def prune_mlp(
+    model: nn.Module,
+    parts: MlpParts,
+    keep: torch.Tensor,
+    journal: Journal,
+    refit: tuple[InputStats, float] | None = None,
+) -> float | None:
+    """Keep channels ``keep`` of the MLP ``parts`` (through ``journal``); optionally refit.
+
+    Returns:
+        The consumer's relative output error on the calibration inputs (with a refit), else None.
+    """
+    keep = torch.sort(keep.flatten()).values
+    mlp = model.get_submodule(parts.name)
+    rows = torch.cat([keep, keep + parts.width]) if parts.layout.fused else keep
+    for relative in parts.layout.producers:
+        owner_name, _, child = f"{parts.name}.{relative}".rpartition(".")
+        owner = model.get_submodule(owner_name)
+        journal.setattr(owner, child, select_outputs(getattr(owner, child), rows))
+    owner_name, _, child = parts.consumer_name.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    consumer = getattr(owner, child)
+    error = None
+    if refit is None:
+        new = select_inputs(consumer, keep)
+    else:
+        stats, damping = refit
+        W = dense_weight(consumer)
+        new_weight, new_bias = refit_consumer(W, consumer.bias, stats, keep, damping)
+        new = select_inputs(consumer, keep, weight=new_weight)
+        if new_bias is not None:
+            with torch.no_grad():
+                new.bias.copy_(new_bias)
+        error = _output_error(W, consumer.bias, new_weight, new_bias, keep, stats)
+    journal.setattr(owner, child, new)
+    if isinstance(getattr(mlp, "intermediate_size", None), int):
+        journal.setattr(mlp, "intermediate_size", len(keep))
+    return error
+
+
+def _choose(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """The ``count`` highest-scoring channels (ties broken by index, so runs are repeatable)."""
+    order = torch.argsort(scores.double().cpu(), descending=True, stable=True)
+    return order[:count]
+
+
+def transform_width(
+    model: nn.Module, stage: WidthStage, context: ModelContext
+) -> list[StructuredChange]:
+    """Apply the stage: every targeted MLP keeps its best ``keep`` fraction of channels."""
+    names = _targets(model, stage, context)
+    all_parts = {n: mlp_parts(model, n) for n in names}
+    before = {n: _params(model.get_submodule(n)) for n in names}
+    refit = _refit(stage, context)
+    errors: dict[str, float | None] = {}
+    grads = None
+    if stage.criterion == "taylor":
+        producers = [p for parts in all_parts.values() for p in parts.producer_names()]
+        consumers = [parts.consumer_name for parts in all_parts.values()]
+        grads = loss_gradients(model, producers + consumers, context.batches)
+
+    def prune_one(name: str, stats: InputStats | None) -> None:
+        parts = all_parts[name]
+        settings = stage.settings_for(name)
+        if settings.criterion == "taylor":
+            scores = taylor_scores(model, parts, grads)
+        elif settings.criterion == "activation":
+            scores = activation_scores(model, parts, stats)
+        else:
+            scores = magnitude_scores(model, parts, stats)
+        keep = _choose(scores, kept_count(settings, parts.width))
+        use_refit = settings.refit if settings.refit is not None else refit
+        errors[name] = prune_mlp(
+            model,
+            parts,
+            keep,
+            context.journal,
+            (stats, settings.refit_damping) if use_refit and stats is not None else None,
+        )
+
+    if context.batches is not None and (stage.criterion == "activation" or refit):
+        for prefix, group in _stacks(model, names).items():
+            _calibrated_pass(model, prefix, group, all_parts, context, refit, prune_one)
+    else:
+        for name in _progress(names, context):
+            prune_one(name, None)
+    _record_uniform_width(model, context.journal)
+    return [
+        StructuredChange(
+            name=n,
+            method="width",
+            shape_before=(all_parts[n].width,),
+            shape_after=(mlp_parts(model, n).width,),
+            params_before=before[n],
+            params_after=_params(model.get_submodule(n)),
+            settings={"criterion": stage.settings_for(n).criterion, "refit": errors[n] is not None},
+            output_error=errors[n],
+        )
+        for n in names
+    ]
+
+
+def _calibrated_pass(model, prefix, group, all_parts, context, refit, prune_one) -> None:
+    """Block by block: statistics of each MLP's down-projection input on the outputs of the
+    already pruned blocks, then prune it (SparseGPT's sequential scheme)."""
+    _, stack = outer_stack(model, group[0])
+    by_block: dict[int, list[str]] = {}
+    for name in group:
+        index = int(name[len(prefix) + 1 :].split(".")[0])
+        by_block.setdefault(index, []).append(name)
+
+    def compress_block(index: int, block: nn.Module, inputs: list[tuple]) -> None:
+        names = by_block.get(index, [])
+        if not names:
+            return
+        base = f"{prefix}.{index}."
+        wanted = {all_parts[n].consumer_name.removeprefix(base): refit for n in names}
+        stats = collect_stats(block, inputs, wanted)
+        for name in names:
+            prune_one(name, stats[all_parts[name].consumer_name.removeprefix(base)])
+
+    run_layerwise(
+        model, model_batches(model, context.batches), stack, compress_block, context.progress
+    )
+
+
+def _progress(names: list[str], context: ModelContext) -> Iterator[str]:
+    from tqdm.auto import tqdm
+
+    return iter(
+        tqdm(
+            names,
+            desc="hfcompress: width",
+            unit="mlp",
+            disable=not context.progress or len(names) < 2,
+        )
+    )
+
+
+def _record_uniform_width(model: nn.Module, journal: Journal) -> None:
+    """Where every MLP of the model now has the same width, say so in the config.
+
+    The config then describes the model, and it saves as a plain checkpoint. Where widths
+    differ, the config keeps its value and the checkpoint records each MLP's shapes.
+    """
+    config = getattr(model, "config", None)
+    if config is None:
+        return
+    widths = {mlp_parts(model, n).width for n in find_mlps(model)}
+    if len(widths) != 1:
+        return
+    (width,) = widths
+    for key in WIDTH_CONFIG_KEYS:
+        # GPT-2's n_inner is None for "4 × n_embd"; the others hold the width itself
+        present = getattr(config, key, None) is not None or (
+            key == "n_inner" and hasattr(config, "n_embd")
+        )
+        if present:
+            if getattr(config, key, None) != width:
+                journal.setattr(config, key, width)
+            return
