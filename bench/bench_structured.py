@@ -51,6 +51,7 @@ METHODS: dict[str, dict | None] = {
     "width-activation": _width("activation", False),
     "width-activation-refit": _width("activation", True),
     "width-taylor-refit": _width("taylor", True),
+    "width-reconstruction": _width("reconstruction", True),
     "torch-pruning": {"torch_pruning": 0.5},
     "lowrank-planner": {"planner": "lowrank", "targets": MLP_LINEARS, "keep": 0.5},
     "sparsegpt-mlp50": {

@@ -87,7 +87,7 @@ def kill_channels(model: nn.Module, fraction: float = 0.5) -> dict[str, torch.Te
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("criterion", ["magnitude", "activation", "taylor"])
+@pytest.mark.parametrize("criterion", ["magnitude", "activation", "taylor", "reconstruction"])
 def test_dead_channels_go_and_outputs_stay(arch, criterion):
     if criterion == "taylor" and arch == "bert":
         pytest.skip("taylor needs a language-model head; the BERT fixture is a classifier")
@@ -382,3 +382,18 @@ def test_per_layer_keep_and_multiple_of():
     # per-layer widths: the config keeps its value, the module its own
     assert model.config.intermediate_size == 128
     assert model.model.layers[0].mlp.intermediate_size == 32
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert", "t5"])
+def test_next_block_inputs_by_output_shift_equal_a_second_pass(arch, monkeypatch):
+    """The shortcut (outputs + the MLPs' change) gives the pruning a full re-run gives."""
+    results = []
+    for shortcut in (True, False):
+        model = build(arch)
+        if not shortcut:
+            monkeypatch.setattr(width_build, "_same_hidden", lambda a, b: False)
+        compress_model(model, stage(arch, keep=0.5), calibration=CALIBRATION, progress=False)
+        results.append(model.state_dict())
+    assert results[0].keys() == results[1].keys()
+    for key in results[0]:
+        torch.testing.assert_close(results[0][key], results[1][key], atol=1e-5, rtol=1e-4)

@@ -34,12 +34,14 @@ class WidthStage(StageBase):
         description="Fraction of each MLP's intermediate channels kept (rounded to "
         "multiple_of, at least one).",
     )
-    criterion: Literal["magnitude", "activation", "taylor"] = Field(
+    criterion: Literal["magnitude", "activation", "taylor", "reconstruction"] = Field(
         default="activation",
         description="Channel importance: 'magnitude' (weight norms, data-free), 'activation' "
         "(E[x_j²]·‖W_down[:, j]‖², the energy channel j adds to the MLP's output on "
         "calibration data) or 'taylor' (Σ|w·∂L/∂w| over the channel's weights, first-order "
-        "estimate of the loss change, LLM-Pruner).",
+        "estimate of the loss change, LLM-Pruner) or 'reconstruction' (channels removed "
+        "greedily to keep the down projection's output after the refit, structured OBS as in "
+        "ZipLM; slower, usually best one-shot).",
     )
     refit: bool | None = Field(
         default=None,
