@@ -89,10 +89,12 @@ class CompressionReport:
                 _fmt_error(m.rel_error),
             ]
             table.add_row(*row, *([_fmt_error(m.output_error)] if with_output else []))
-        ratio = self.params_before / max(self.params_after, 1)
+        ratio = (
+            f"{self.params_before / self.params_after:.2f}x" if self.params_after else "removed"
+        )
         caption = [
             f"{len(self.modules)} modules: {self.params_before:,} → {self.params_after:,} "
-            f"parameters ({ratio:.2f}x)"
+            f"parameters ({ratio})"
         ]
         if self.model_params_before:
             caption.append(
