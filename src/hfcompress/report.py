@@ -89,9 +89,7 @@ class CompressionReport:
                 _fmt_error(m.rel_error),
             ]
             table.add_row(*row, *([_fmt_error(m.output_error)] if with_output else []))
-        ratio = (
-            f"{self.params_before / self.params_after:.2f}x" if self.params_after else "removed"
-        )
+        ratio = f"{self.params_before / self.params_after:.2f}x" if self.params_after else "removed"
         caption = [
             f"{len(self.modules)} modules: {self.params_before:,} → {self.params_after:,} "
             f"parameters ({ratio})"
