@@ -33,10 +33,10 @@ from hfcompress.errors import InvalidParameterError
 from hfcompress.layers.base import CompressedLayer
 from hfcompress.matching import fullmatch
 from hfcompress.methods.depth.config import DepthStage
-from hfcompress.methods.width.build import has_lm_head, model_batches
 from hfcompress.registry import ModelContext, StructuredChange
 from hfcompress.structured import Journal
 from hfcompress.structured.edit import is_dense
+from hfcompress.structured.model import has_lm_head, model_batches
 from hfcompress.structured.targets import select_modules
 
 DATA_CRITERIA = frozenset({"block_influence", "loss"})

@@ -35,6 +35,7 @@ from hfcompress.structured import (
     select_outputs,
 )
 from hfcompress.structured.architectures import WIDTH_CONFIG_KEYS
+from hfcompress.structured.model import has_lm_head, model_batches, outer_stack, stacks
 from hfcompress.structured.targets import grouped_errors, no_match_message, select_modules
 
 DATA_CRITERIA = frozenset({"activation", "taylor", "reconstruction"})
@@ -86,49 +87,10 @@ def check_width(model: nn.Module, stage: WidthStage, context: ModelContext) -> l
     errors += problems
     if calibrated and (stage.criterion in DATA_CRITERIA or _refit(stage, context)) and parts:
         try:
-            _stacks(model, list(parts))
+            stacks(model, list(parts))
         except InvalidParameterError as error:
             errors.append(f"{where}.targets: {error}")
     return errors
-
-
-def has_lm_head(model: nn.Module) -> bool:
-    """Whether the model predicts tokens (its loss with labels = input_ids is meaningful)."""
-    getter = getattr(model, "get_output_embeddings", None)
-    return callable(getter) and getter() is not None
-
-
-def _stacks(model: nn.Module, names: list[str]) -> dict[str, list[str]]:
-    """MLP names grouped by the layer stack (``model.layers``, ``encoder.block``) holding them."""
-    groups: dict[str, list[str]] = {}
-    for name in names:
-        groups.setdefault(outer_stack(model, name)[0], []).append(name)
-    return groups
-
-
-def outer_stack(model: nn.Module, name: str) -> tuple[str, nn.ModuleList]:
-    """The outermost ``nn.ModuleList`` holding module ``name``: the model's blocks (T5's
-    ``encoder.block``, not the sub-layer list inside each block).
-
-    Raises:
-        InvalidParameterError: none holds it.
-    """
-    for prefix, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) and name.startswith(prefix + "."):
-            return prefix, module
-    raise InvalidParameterError(
-        f"{name!r} is not inside a stack of blocks (nn.ModuleList), which calibration runs "
-        "block by block"
-    )
-
-
-def model_batches(model: nn.Module, batches: list[dict]) -> list[dict]:
-    """Calibration batches the model's forward accepts: an encoder-decoder also reads the
-    tokens as its decoder input."""
-    config = getattr(model, "config", None)
-    if not getattr(config, "is_encoder_decoder", False):
-        return batches
-    return [{**b, "decoder_input_ids": b.get("decoder_input_ids", b["input_ids"])} for b in batches]
 
 
 # --- importance -------------------------------------------------------------------------------
@@ -458,7 +420,7 @@ def transform_width(
     criteria = {stage.settings_for(n).criterion for n in names}
     if context.batches is not None and (criteria & {"activation", "reconstruction"} or refit):
         gram = refit or "reconstruction" in criteria
-        for prefix, group in _stacks(model, names).items():
+        for prefix, group in stacks(model, names).items():
             _calibrated_pass(model, prefix, group, all_parts, context, gram, prune_one)
     else:
         for name in _progress(names, context):
