@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -132,3 +136,43 @@ def test_output_folders_get_the_usual_permissions(tmp_path):
     finally:
         os.umask(umask)
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
+
+
+# --- Ctrl-C while the command is still importing torch/transformers ------------------------------
+
+
+def _interrupt_while_importing(command: list[str]) -> subprocess.CompletedProcess:
+    """Start ``command``, send SIGINT once torch's shared library is mapped (hfcompress's package
+    import is under way: transformers comes after torch), and collect the result."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    maps = Path(f"/proc/{process.pid}/maps")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and process.poll() is None:
+        with contextlib.suppress(OSError):
+            if "libtorch" in maps.read_text():
+                break
+        time.sleep(0.005)
+    assert process.poll() is None, "the command finished before it could be interrupted"
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=60)
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc (Linux)")
+@pytest.mark.parametrize("how", ["script", "module"])
+def test_ctrl_c_during_import_exits_130_with_one_line(how):
+    script = Path(sys.executable).with_name("hfcompress")
+    if how == "script" and not script.exists():
+        pytest.skip("the hfcompress console script is not installed beside this Python")
+    command = [str(script)] if how == "script" else [sys.executable, "-m", "hfcompress"]
+    result = _interrupt_while_importing([*command, "shapes", "64", "64"])
+    assert result.returncode == 130, result.stderr
+    assert result.stderr == "hfcompress: interrupted\n"
+
+
+def test_ctrl_c_during_import_as_a_library_propagates():
+    """A program that imports hfcompress gets its KeyboardInterrupt, as from any import."""
+    code = "import hfcompress"
+    result = _interrupt_while_importing([sys.executable, "-c", code])
+    assert result.returncode != 130
+    assert "KeyboardInterrupt" in result.stderr

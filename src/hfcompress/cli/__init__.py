@@ -26,20 +26,26 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from rich.console import Console
+from hfcompress._interrupt import INTERRUPTED, exit_if_command
 
-from hfcompress._version import __version__
-from hfcompress.cli import analyze, compress, convert_gguf, demo, distill, evaluate, plan
-from hfcompress.cli._common import (
-    TASKS,
-    CliError,
-    load_model,
-    load_tokenizer,
-    model_class,
-    resolve_model,
-)
-from hfcompress.cli._output import atomic_output, check_output, write_text_atomic
-from hfcompress.errors import HfCompressError
+try:  # Ctrl-C while the subcommands import their dependencies: one line, exit 130
+    from rich.console import Console
+
+    from hfcompress._version import __version__
+    from hfcompress.cli import analyze, compress, convert_gguf, demo, distill, evaluate, plan
+    from hfcompress.cli._common import (
+        TASKS,
+        CliError,
+        load_model,
+        load_tokenizer,
+        model_class,
+        resolve_model,
+    )
+    from hfcompress.cli._output import atomic_output, check_output, write_text_atomic
+    from hfcompress.errors import HfCompressError
+except KeyboardInterrupt:
+    exit_if_command()
+    raise
 
 __all__ = [
     "TASKS",
@@ -97,5 +103,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # outputs are written whole or not at all: nothing to clean up
         if args.debug:
             raise
-        print("hfcompress: interrupted", file=sys.stderr)
+        print(INTERRUPTED, file=sys.stderr)
         return 130
