@@ -16,6 +16,7 @@ PACKAGE = Path(hfcompress.__file__).parent
 # Each layer may import only from the layers listed before it.
 ORDER = [
     "_version",
+    "_interrupt",
     "errors",
     "matching",
     "decompose",

@@ -125,3 +125,34 @@ def test_card_of_a_reloaded_checkpoint_reads_the_saved_structure(compressed):
     ]
     assert parts[0] == parts[1]
     assert "lowrank + prune (factors)" in parts[1][0]
+
+
+# --- save_pretrained writes the card ---------------------------------------------------------
+
+
+def test_save_pretrained_writes_the_card(compressed, tmp_path):
+    """The fixture saved with plain ``model.save_pretrained``: README.md is the card."""
+    model, _, folder = compressed
+    card = (folder / "README.md").read_text()
+    assert _front_matter(card)["library_name"] == "hfcompress"
+    assert "import hfcompress" in card and LOAD_WARNING in card
+    assert type(model).__name__ == "LlamaForCausalLM"  # the class is untouched
+
+
+def test_a_reloaded_model_saves_its_card_and_a_users_readme_is_kept(compressed, tmp_path):
+    _, _, folder = compressed
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    again = tmp_path / "again"
+    loaded.save_pretrained(again)
+    assert "import hfcompress" in (again / "README.md").read_text()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "README.md").write_text("# my notes\n")
+    loaded.save_pretrained(mine)
+    assert (mine / "README.md").read_text() == "# my notes\n"
+
+
+def test_a_dense_model_gets_no_card(tmp_path):
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path)
+    assert not (tmp_path / "README.md").exists()

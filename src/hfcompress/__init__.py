@@ -26,6 +26,7 @@ try:
     from hfcompress.methods.kronecker.layer import KroneckerLinear
     from hfcompress.methods.lowrank.layer import LowRankLinear
     from hfcompress.methods.prune.layer import PrunedLinear
+    from hfcompress.model_card import write_model_card  # also: save_pretrained writes the card
     from hfcompress.recipe import Recipe
     from hfcompress.registry import Criterion, Method, get_method, method_names, register_method
     from hfcompress.serialization import CheckpointError, HfCompressConfig, decompress
@@ -70,4 +71,5 @@ __all__ = [
     "record_compression",
     "register_method",
     "unfreeze",
+    "write_model_card",
 ]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import types
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,7 +26,8 @@ from torch import nn
 
 from hfcompress._version import __version__
 from hfcompress.layers import CompressedLayer
-from hfcompress.surgery import QUANT_METHOD
+from hfcompress.serialization import register_load_hook
+from hfcompress.surgery import QUANT_METHOD, register_record_hook
 
 if TYPE_CHECKING:
     from hfcompress.report import CompressionReport
@@ -293,3 +295,56 @@ def write_model_card(
     path = Path(folder) / "README.md"
     path.write_text(model_card_text(model, report, **options), encoding="utf-8")
     return path
+
+
+# --- save_pretrained writes the card ---------------------------------------------------------
+
+CARD_MARK = "library_name: hfcompress"  # in the front matter of every card written here
+
+
+def _is_ours_to_write(path: Path) -> bool:
+    """Whether README.md may be (re)written: absent, or a card written here (not the user's)."""
+    if not path.exists():
+        return True
+    with path.open(encoding="utf-8", errors="replace") as file:
+        return CARD_MARK in file.read(2048)
+
+
+def save_pretrained_with_card(
+    model: nn.Module, save_directory: str | os.PathLike[str], *args: Any, **kwargs: Any
+) -> Any:
+    """``type(model).save_pretrained``, then the model card beside the weights.
+
+    The card is not written by processes other than the main one, nor over a README.md the user
+    wrote. ``push_to_hub`` uploads the card transformers makes (it replaces README.md before the
+    upload); save locally and upload the folder to publish this one.
+    """
+    result = type(model).save_pretrained(model, save_directory, *args, **kwargs)
+    if kwargs.get("is_main_process", True) and not kwargs.get("push_to_hub", False):
+        path = Path(save_directory) / "README.md"
+        if _is_ours_to_write(path):
+            write_model_card(model, save_directory)
+    return result
+
+
+def install_card_writer(model: nn.Module) -> None:
+    """Make ``model.save_pretrained`` write the model card too (an hfcompress checkpoint only).
+
+    Installed on the instance, so the model keeps its class (``isinstance``, ``type(model)``
+    and transformers' own calls are unaffected); ``copy.deepcopy`` rebinds it to the copy.
+    """
+    spec = getattr(getattr(model, "config", None), "quantization_config", None)
+    method = (
+        spec.get("quant_method") if isinstance(spec, dict) else getattr(spec, "quant_method", None)
+    )
+    if method != QUANT_METHOD or not hasattr(type(model), "save_pretrained"):
+        return
+    if "save_pretrained" not in vars(model):
+        model.save_pretrained = types.MethodType(save_pretrained_with_card, model)
+    add_tags = getattr(model, "add_model_tags", None)
+    if callable(add_tags):  # the hub card transformers writes on push_to_hub lists it too
+        add_tags(["hfcompress"])
+
+
+register_record_hook(install_card_writer)  # compress_model's models
+register_load_hook(install_card_writer)  # from_pretrained's models

@@ -36,7 +36,7 @@ import os
 import re
 import warnings
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -472,6 +472,11 @@ class HfCompressQuantizer(HfQuantizer):
         )
         return model
 
+    def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        for hook in _LOAD_HOOKS:
+            hook(model)
+        return model
+
     def get_weight_conversions(self) -> list[WeightConverter]:
         return list(self._converters)
 
@@ -511,6 +516,17 @@ def compact_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         if isinstance(module, (LowRankLinear, KroneckerLinear)):
             state[f"{name}.{MARKER}"] = torch.zeros(0, dtype=torch.uint8)
     return state
+
+
+# Called with each model from_pretrained loads; later layers (the model card) register here, so
+# that imports keep pointing one way.
+_LOAD_HOOKS: list[Callable[[nn.Module], None]] = []
+
+
+def register_load_hook(hook: Callable[[nn.Module], None]) -> None:
+    """Run ``hook(model)`` on every hfcompress model ``from_pretrained`` has loaded."""
+    if hook not in _LOAD_HOOKS:
+        _LOAD_HOOKS.append(hook)
 
 
 def attach_quantizer(model: nn.Module) -> None:
