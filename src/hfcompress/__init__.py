@@ -27,6 +27,7 @@ try:
     from hfcompress.methods.lowrank.layer import LowRankLinear
     from hfcompress.methods.prune.layer import PrunedLinear
     from hfcompress.model_card import write_model_card  # also: save_pretrained writes the card
+    from hfcompress.quantization import quantize_int8
     from hfcompress.recipe import Recipe
     from hfcompress.registry import Criterion, Method, get_method, method_names, register_method
     from hfcompress.serialization import CheckpointError, HfCompressConfig, decompress
@@ -68,6 +69,7 @@ __all__ = [
     "method_names",
     "model_bytes",
     "plan_compression",
+    "quantize_int8",
     "record_compression",
     "register_method",
     "unfreeze",

@@ -10,6 +10,7 @@ generate identically; training one is refused with an error until ``unfreeze(mod
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from hfcompress.layers import CompressedLayer, PrunedLinear
@@ -46,12 +47,40 @@ def is_frozen(model: nn.Module) -> bool:
     return any(isinstance(m, PrunedLinear) and m.frozen for m in model.modules())
 
 
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    """Bytes a tensor holds: a tensor subclass (torchao's int8) counts its inner tensors."""
+    flatten = getattr(type(tensor), "__tensor_flatten__", None)
+    if flatten is not None:
+        names, _ = tensor.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(tensor, name)) for name in names)
+    return tensor.numel() * tensor.element_size()
+
+
+def _packed_bytes(module: nn.Module) -> int:
+    """Bytes of a torch.ao dynamically quantized Linear, whose weight is no parameter or buffer.
+
+    Its int8 values, plus per output row a float32 scale and an int32 zero point (what the
+    fbgemm/qnnpack kernels keep; the unpacked tensor reports them as float64/int64), plus the
+    bias. Kernel-specific packing overhead is not counted.
+    """
+    weight, bias = module._packed_params._weight_bias()
+    rows = weight.shape[0]
+    total = weight.numel() * weight.element_size() + rows * 8
+    return total + (bias.numel() * bias.element_size() if bias is not None else 0)
+
+
 def model_bytes(model: nn.Module) -> int:
-    """Bytes of the model's parameters and buffers in memory (shared tensors counted once)."""
+    """Bytes of the model's parameters and buffers in memory (shared tensors counted once).
+
+    int8-quantized weights (:func:`hfcompress.quantize_int8`) count their int8 values and scales.
+    """
     seen: set[int] = set()
     total = 0
     for tensor in (*model.parameters(), *model.buffers()):
         if id(tensor) not in seen:
             seen.add(id(tensor))
-            total += tensor.numel() * tensor.element_size()
+            total += tensor_bytes(tensor)
+    for module in model.modules():
+        if hasattr(module, "_packed_params") and hasattr(module._packed_params, "_weight_bias"):
+            total += _packed_bytes(module)
     return total

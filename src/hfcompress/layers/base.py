@@ -116,6 +116,9 @@ def dense_weight_of(module: nn.Module) -> torch.Tensor:
     """W: [out, in] of a Linear, Conv1D or compressed layer (a view, not a copy, for dense)."""
     if isinstance(module, CompressedLayer):
         return module.dense_weight()
+    weight = getattr(module, "weight", None)
+    if callable(weight) and not isinstance(weight, torch.Tensor):
+        return weight().dequantize()  # torch.ao's int8 Linear (hfcompress.quantize_int8)
     if source_kind(module) == "conv1d":
         return module.weight.T
     return module.weight

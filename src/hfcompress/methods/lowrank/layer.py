@@ -158,7 +158,10 @@ class LowRankLinear(CompressedLayer):
         forward, which costs nothing here; only an operation on the values computes U·V.
         Writing into it changes nothing: train the factors instead.
         """
-        return LazyWeight(self.dense_weight, (self.out_features, self.in_features), self.v.weight)
+        like = self.v.weight
+        if not isinstance(like, torch.Tensor):  # int8 factors (quantize_int8): float32 in and out
+            like = torch.empty((), dtype=torch.float32)
+        return LazyWeight(self.dense_weight, (self.out_features, self.in_features), like)
 
     def factors(self) -> dict[str, nn.Module]:
         return {"u": self.u, "v": self.v}
