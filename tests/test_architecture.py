@@ -138,3 +138,18 @@ def _named_in_code(path: Path) -> set[str]:
 @pytest.mark.parametrize("name", GENERIC)
 def test_generic_modules_name_no_method(name):
     assert not _named_in_code(PACKAGE / name), name
+
+
+CHECKPOINT_GENERIC = ["serialization.py", "checkpoint_checks.py", "formats.py", "inference.py",
+                      "layers/base.py"]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", CHECKPOINT_GENERIC)
+def test_checkpoint_code_names_no_method_or_layer_class(name):
+    """The on-disk format is each layer class's (its state-format hooks on CompressedLayer):
+    saving, loading and checking import no method package and name no method or layer class
+    (issue 13)."""
+    path = PACKAGE / name
+    methods = sorted(m for m in imported_modules(path) if m.startswith("hfcompress.methods"))
+    assert not methods, methods
+    assert not _named_in_code(path), name

@@ -10,32 +10,34 @@ tensor, the file and the field. ``hfcompress.serialization`` runs these checks f
 from __future__ import annotations
 
 import bisect
-import math
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import Any, Literal
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
-import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from hfcompress.decompose.masks import parse_nm_pattern, unpack_bitmask
-from hfcompress.decompose.patterns import UNSTRUCTURED, normalize_pattern
 from hfcompress.errors import HfCompressError
+from hfcompress.formats import MARKER, needs_marker
+from hfcompress.formats import nm_group_counts as _nm_group_counts
+from hfcompress.formats import popcount_bytes as _popcount_bytes
 from hfcompress.layers import (
     CompressedLayer,
-    KroneckerLinear,
-    LowRankLinear,
-    PrunedLinear,
     dense_weight_of,
     registered_methods,
     source_kind,
 )
-from hfcompress.layers.base import SOURCE_KINDS
-from hfcompress.methods.prune.format import BITMASK_SUFFIX
+from hfcompress.layers.base import (
+    SOURCE_KINDS,
+    ContentCheck,
+    FoundTensor,
+    SpecField,
+    StoredTensor,
+    is_positive_int,
+)
 
-MARKER = "weight"  # the dense key that a low-rank / Kronecker module fills with an empty tensor
 Header = tuple[str, list[int], str]  # a tensor's safetensors (dtype, shape, file)
+# Kept importable from here (tests and older callers): the marker key, the bitmask arithmetic.
+_REEXPORTED = (MARKER, _nm_group_counts, _popcount_bytes)
 
 
 class CheckpointError(HfCompressError, ValueError):
@@ -63,59 +65,52 @@ def _read_headers(files: Iterable[str]) -> dict[str, Header]:
 # --- spec validation ------------------------------------------------------------------------------
 
 _BASE_FIELDS = frozenset({"method", "in_features", "out_features", "bias", "source"})
-# Exactly the keys each layer's ``to_spec`` writes (base fields + ``compression_params``, and
-# LowRankLinear's ``factors``); ``module_spec`` writes {"method": "dense", "source"} for a
-# plain factor. Optional: what ``from_spec`` can do without (an N:M sparsity, dense factors).
-SPEC_FIELDS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
-    "prune": (_BASE_FIELDS | {"pattern"}, frozenset({"sparsity"})),
-    "lowrank": (_BASE_FIELDS | {"rank"}, frozenset({"factors"})),
-    "kronecker": (_BASE_FIELDS | {"a_shape", "terms"}, frozenset()),
-    "dense": (frozenset({"method", "source"}), frozenset()),
+# ``module_spec`` writes {"method": "dense", "source"} for a plain factor.
+_DENSE_FIELDS = frozenset({"method", "source"})
+
+_BASE_CHECKS: dict[str, SpecField] = {
+    "method": SpecField(lambda v: isinstance(v, str), "a method name"),
+    "in_features": SpecField(is_positive_int, "a positive integer"),
+    "out_features": SpecField(is_positive_int, "a positive integer"),
+    "bias": SpecField(lambda v: isinstance(v, bool), "true or false"),
+    "source": SpecField(
+        lambda v: isinstance(v, str) and v in SOURCE_KINDS, f"one of {list(SOURCE_KINDS)}"
+    ),
 }
-FACTOR_NAMES = ("u", "v")
 
 
-def _is_positive_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+def _checked_fields() -> dict[str, dict[str, SpecField]]:
+    """Method -> every field its spec may have (base + the layer class's ``spec_fields``), for
+    the methods whose layer class declares them; ``"dense"`` for a plain factor."""
+    table = {
+        method: {**_BASE_CHECKS, **cls.spec_fields}
+        for method, cls in registered_methods().items()
+        if cls.spec_fields is not None
+    }
+    table["dense"] = {name: _BASE_CHECKS[name] for name in sorted(_DENSE_FIELDS)}
+    return table
 
 
-def _is_pattern(value: object) -> bool:
-    try:
-        normalize_pattern(value)  # type: ignore[arg-type]
-    except (HfCompressError, TypeError):
-        return False
-    return True
+class _SpecFieldTable(Mapping[str, tuple[frozenset[str], frozenset[str]]]):
+    """Method -> (required, optional) spec fields: exactly the keys each layer's ``to_spec``
+    writes (base fields + ``compression_params`` + what the class adds). Optional: what
+    ``from_spec`` can do without. Read from the registry on every use, so a method registered
+    later (with ``spec_fields``) is checked too."""
+
+    def __getitem__(self, method: str) -> tuple[frozenset[str], frozenset[str]]:
+        fields = _checked_fields()[method]
+        base = _DENSE_FIELDS if method == "dense" else _BASE_FIELDS
+        required = base | {name for name, field in fields.items() if field.required}
+        return frozenset(required), frozenset(set(fields) - required)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_checked_fields())
+
+    def __len__(self) -> int:
+        return len(_checked_fields())
 
 
-def _is_fraction_or_null(value: object) -> bool:
-    if value is None:
-        return True
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1
-
-
-def _is_shape_pair(value: object) -> bool:
-    return (
-        isinstance(value, (list, tuple)) and len(value) == 2 and all(map(_is_positive_int, value))
-    )
-
-
-def _is_factor_map(value: object) -> bool:
-    return isinstance(value, dict) and set(value) <= set(FACTOR_NAMES)
-
-
-_FIELD_CHECKS: dict[str, tuple[Callable[[object], bool], str]] = {
-    "method": (lambda v: isinstance(v, str), "a method name"),
-    "in_features": (_is_positive_int, "a positive integer"),
-    "out_features": (_is_positive_int, "a positive integer"),
-    "bias": (lambda v: isinstance(v, bool), "true or false"),
-    "source": (lambda v: isinstance(v, str) and v in SOURCE_KINDS, f"one of {list(SOURCE_KINDS)}"),
-    "pattern": (_is_pattern, "'unstructured' or 'N:M' with 1 ≤ N < M"),
-    "sparsity": (_is_fraction_or_null, "a number in [0, 1)"),
-    "rank": (_is_positive_int, "a positive integer"),
-    "factors": (_is_factor_map, f"a mapping with keys among {list(FACTOR_NAMES)}"),
-    "a_shape": (_is_shape_pair, "[m1, n1], two positive integers"),
-    "terms": (_is_positive_int, "a positive integer"),
-}
+SPEC_FIELDS: Mapping[str, tuple[frozenset[str], frozenset[str]]] = _SpecFieldTable()
 
 
 def _spec_where(spec_name: str) -> str:
@@ -123,22 +118,33 @@ def _spec_where(spec_name: str) -> str:
     return f"config.json quantization_config.modules[{spec_name!r}]"
 
 
-def check_spec(spec: object, where: str, *, factor: bool = False) -> None:
+def check_spec(spec: object, where: str) -> None:
     """Check one layer spec's structure: a mapping, known keys only, each of the right type.
 
-    ``where`` names the spec in messages. A low-rank spec's ``factors`` are checked too, and
-    must agree with the layer (u: [rank → out] carrying the bias, v: [in → rank]). A method
-    registered by other code than hfcompress's layers is only checked for being a mapping.
+    ``where`` names the spec in messages. The fields are those of the method's layer class
+    (``CompressedLayer.spec_fields``); a spec's ``factors`` are checked too, and must agree
+    with the layer (its class's ``factor_spec_error``). A method whose layer class declares no
+    fields (registered by other code than hfcompress's layers) is only checked for being a
+    mapping.
 
     Raises:
         CheckpointError: naming ``where`` and the offending field.
     """
+    _check_spec(spec, where, None)
+
+
+def _check_spec(
+    spec: object, where: str, factor_of: tuple[type[CompressedLayer], dict, str] | None
+) -> None:
+    """``check_spec``; ``factor_of``: (layer class, layer spec, factor name) for a factor's spec."""
     if not isinstance(spec, dict):
         raise CheckpointError(f"{where}: expected a layer spec mapping, got {spec!r}")
     method = spec.get("method")
     if not isinstance(method, str):
         raise CheckpointError(f"{where}: field 'method' missing or not a string ({method!r})")
-    if method not in SPEC_FIELDS or (method == "dense" and not factor):
+    table = _checked_fields()
+    factor = factor_of is not None
+    if method not in table or (method == "dense" and not factor):
         if method in registered_methods():
             return  # a layer type from outside hfcompress: its own from_spec decides
         known = sorted(registered_methods()) + (["dense"] if factor else [])
@@ -153,42 +159,22 @@ def check_spec(spec: object, where: str, *, factor: bool = False) -> None:
     missing = sorted(required - set(spec))
     if missing:
         raise CheckpointError(f"{where}: missing field {missing[0]!r} in a {method!r} spec")
-    for field, value in spec.items():
-        is_valid, wanted = _FIELD_CHECKS[field]
-        if not is_valid(value):
-            raise CheckpointError(f"{where}: field {field!r}: expected {wanted}, got {value!r}")
-    if factor and spec["source"] != "linear":
-        raise CheckpointError(
-            f"{where}: field 'source': a low-rank factor is an nn.Linear, got {spec['source']!r}"
-        )
-    for name, factor_spec in spec.get("factors", {}).items():
-        factor_where = f"{where}.factors[{name!r}]"
-        check_spec(factor_spec, factor_where, factor=True)
-        _check_factor_fits(spec, name, factor_spec, factor_where)
-
-
-def _check_factor_fits(
-    spec: dict[str, Any], name: str, factor_spec: dict[str, Any], where: str
-) -> None:
-    """A compressed factor's in/out/bias must be those of the low-rank layer's factor ``name``.
-
-    u maps rank → out_features and carries the layer's bias; v maps in_features → rank.
-    """
-    if factor_spec["method"] == "dense" or factor_spec["method"] not in SPEC_FIELDS:
-        return
-    if name == "v" and factor_spec["bias"]:
-        raise CheckpointError(f"{where}: field 'bias' is true, but factor 'v' never has a bias")
-    wanted = (
-        {"in_features": "rank", "out_features": "out_features", "bias": "bias"}
-        if name == "u"
-        else {"in_features": "in_features", "out_features": "rank"}
-    )
-    for field, layer_field in wanted.items():
-        if factor_spec[field] != spec[layer_field]:
+    for name, value in spec.items():
+        field = table[method][name]
+        if not field.check(value):
             raise CheckpointError(
-                f"{where}: field {field!r} = {factor_spec[field]!r} disagrees with the low-rank "
-                f"layer's field {layer_field!r} = {spec[layer_field]!r}"
+                f"{where}: field {name!r}: expected {field.wanted}, got {value!r}"
             )
+    if factor_of is not None:
+        layer_cls, layer_spec, factor_name = factor_of
+        error = layer_cls.factor_spec_error(layer_spec, factor_name, spec)
+        if error is not None:
+            raise CheckpointError(f"{where}: {error}")
+    factors = spec.get("factors", {})
+    if factors:
+        layer_cls = registered_methods()[method]
+        for name, factor_spec in factors.items():
+            _check_spec(factor_spec, f"{where}.factors[{name!r}]", (layer_cls, spec, name))
 
 
 def _check_spec_fits_module(
@@ -213,75 +199,40 @@ def _check_spec_fits_module(
 
 # --- spec against the tensors on disk -------------------------------------------------------------
 
-TensorKind = Literal["float", "bitmask", "marker"]
-
-
-@dataclass(frozen=True)
-class _Expected:
-    """One checkpoint tensor a rebuilt layer needs."""
-
-    shape: list[int] | None  # None: 1-D values whose length the bitmask decides
-    kind: TensorKind
-    fields: str  # the spec fields that decide it, for messages
-
-
-@dataclass(frozen=True)
-class _PrunedCheck:
-    """What the bitmask of one pruned (sub)layer must agree with, read after the headers."""
-
-    where: str
-    values_key: str
-    values_length: int
-    bitmask_key: str
-    bitmask_file: str
-    out_features: int
-    in_features: int
-    pattern: str
-    sparsity: float
-
 
 def _factor_path(sub: str) -> str:
     """The spec path of a layer's submodule: ``""`` for the layer, ``.factors['u']`` for u."""
     return f".factors[{sub!r}]" if sub else ""
 
 
-def _tensor_fields(sub: str, owner: nn.Module, local: str) -> str:
-    """Which spec fields decide the tensor ``local`` of a layer's submodule ``sub``."""
-    if type(owner) is nn.Linear:  # a plain low-rank factor: the low-rank layer's fields decide
-        if local == "bias":
-            return "bias, out_features"
-        return "rank, " + ("out_features" if sub == "u" else "in_features")
-    if local == "bias":
-        fields = ["bias", "out_features"]
-    elif isinstance(owner, PrunedLinear) and local == "weight":
-        fields = ["pattern", "sparsity"]  # the values: as many as the bitmask keeps
-    elif isinstance(owner, KroneckerLinear):
-        fields = ["a_shape", "terms"] + (["in_features", "out_features"] if local == "B" else [])
-    else:
-        fields = ["in_features", "out_features"]
-    path = _factor_path(sub).lstrip(".")
-    return ", ".join(f"{path}.{field}" if path else field for field in fields)
+def _describing_layer(modules: dict[str, nn.Module], sub: str) -> tuple[str, CompressedLayer]:
+    """The compressed layer that describes the tensors of submodule ``sub``: the nearest one at
+    or above it (a plain factor is described by the layer holding it)."""
+    path = sub
+    while not isinstance(modules[path], CompressedLayer):
+        path = path.rpartition(".")[0]
+    return path, modules[path]
 
 
-def _expectations(name: str, layer: CompressedLayer) -> dict[str, _Expected]:
-    """Checkpoint key -> what it must hold, for every tensor of one rebuilt layer."""
+def _expectations(name: str, layer: CompressedLayer) -> dict[str, StoredTensor]:
+    """Checkpoint key -> what it must hold, for every tensor of one rebuilt layer.
+
+    In state-dict order (the first disagreement is reported), the marker last. Fields are
+    spec paths: ``factors['u'].pattern`` for a tensor a compressed factor describes.
+    """
     modules = dict(layer.named_modules())
-    expected: dict[str, _Expected] = {}
+    expected: dict[str, StoredTensor] = {}
     for key, tensor in layer.state_dict().items():
         sub, _, local = key.rpartition(".")
-        owner = modules[sub]
-        if isinstance(owner, PrunedLinear) and local == "mask":
-            expected[f"{name}.{key[: -len('mask')]}{BITMASK_SUFFIX}"] = _Expected(
-                [owner.out_features, math.ceil(owner.in_features / 8)],
-                "bitmask",
-                _tensor_fields(sub, owner, BITMASK_SUFFIX),
-            )
-            continue
-        values = isinstance(owner, PrunedLinear) and local == "weight"
-        shape = None if values else list(tensor.shape)
-        expected[f"{name}.{key}"] = _Expected(shape, "float", _tensor_fields(sub, owner, local))
-    if isinstance(layer, (LowRankLinear, KroneckerLinear)):
-        expected[f"{name}.{MARKER}"] = _Expected([0], "marker", "method")
+        path, owner = _describing_layer(modules, sub)
+        relative = sub[len(path) :].lstrip(".")
+        stored_local, want = owner.stored_tensor(relative, local, tensor)
+        spec_path = _factor_path(path).lstrip(".")
+        fields = tuple(f"{spec_path}.{f}" if spec_path else f for f in want.fields)
+        stored_key = f"{sub}.{stored_local}" if sub else stored_local
+        expected[f"{name}.{stored_key}"] = StoredTensor(want.shape, want.kind, fields)
+    if needs_marker(layer):
+        expected[f"{name}.{MARKER}"] = StoredTensor([0], "marker", ("method",))
     return expected
 
 
@@ -311,7 +262,7 @@ def _keys_under(sorted_keys: list[str], prefix: str) -> list[str]:
     return sorted_keys[start:end]
 
 
-def _check_header(key: str, want: _Expected, found: Header, where: str) -> None:
+def _check_header(key: str, want: StoredTensor, found: Header, where: str) -> None:
     """One tensor's dtype and shape against what the spec implies."""
     dtype, got, file = found
     if want.kind == "float" and not _is_floating(dtype):
@@ -327,7 +278,7 @@ def _check_header(key: str, want: _Expected, found: Header, where: str) -> None:
         shape = "1-D values" if want.shape is None else str(want.shape)
         raise CheckpointError(
             f"{file}: tensor {key!r} has shape {got}, expected {shape} "
-            f"(from {where} fields {want.fields})"
+            f"(from {where} fields {', '.join(want.fields)})"
         )
 
 
@@ -346,8 +297,8 @@ def _check_tensors(
     layer: CompressedLayer,
     headers: dict[str, Header],
     sorted_keys: list[str],
-) -> list[_PrunedCheck]:
-    """Check a rebuilt layer against the checkpoint headers; return its bitmask checks to run.
+) -> list[ContentCheck]:
+    """Check a rebuilt layer against the checkpoint headers; return its content checks to run.
 
     Every tensor the spec implies must be there, of the right dtype and shape, and nothing else
     may sit under the module's prefix.
@@ -372,101 +323,39 @@ def _check_tensors(
         if key not in accounted:
             raise _extra_tensor_error(key, headers[key][2], where)
     return [
-        _pruned_check(spec_name, sub, module, found)
+        check
         for sub, module in layer.named_modules()
-        if isinstance(module, PrunedLinear)
+        if isinstance(module, CompressedLayer)
+        for check in module.content_checks(
+            _found_under(found, f"{spec_name}.{sub}" if sub else spec_name),
+            where + _factor_path(sub),
+        )
     ]
 
 
-def _pruned_check(
-    spec_name: str, sub: str, module: PrunedLinear, found: dict[str, tuple[str, Header]]
-) -> _PrunedCheck:
-    prefix = f"{spec_name}.{sub}" if sub else spec_name
-    values_key, (_, values_length, _) = found[f"{prefix}.{MARKER}"]
-    bitmask_key, (_, _, bitmask_file) = found[f"{prefix}.{BITMASK_SUFFIX}"]
-    return _PrunedCheck(
-        where=f"quantization_config.modules[{spec_name!r}]{_factor_path(sub)}",
-        values_key=values_key,
-        values_length=values_length[0],
-        bitmask_key=bitmask_key,
-        bitmask_file=bitmask_file,
-        out_features=module.out_features,
-        in_features=module.in_features,
-        pattern=module.pattern,
-        sparsity=module.sparsity,
-    )
+def _found_under(found: dict[str, tuple[str, Header]], prefix: str) -> dict[str, FoundTensor]:
+    """The found tensors under ``prefix``, by their name relative to it."""
+    return {
+        key[len(prefix) + 1 :]: FoundTensor(hit_key, dtype, shape, file)
+        for key, (hit_key, (dtype, shape, file)) in found.items()
+        if key.startswith(prefix + ".")
+    }
 
 
-# --- bitmask contents -----------------------------------------------------------------------------
+# --- stored values --------------------------------------------------------------------------------
 
 
-def _popcount_bytes(packed: torch.Tensor) -> torch.Tensor:
-    """Set bits of every byte of a uint8 tensor (SWAR: three shifts and masks, no table)."""
-    x = packed - ((packed >> 1) & 0x55)
-    x = (x & 0x33) + ((x >> 2) & 0x33)
-    return (x + (x >> 4)) & 0x0F
-
-
-def _nm_group_counts(packed: torch.Tensor, in_features: int, m: int) -> torch.Tensor:
-    """Kept weights in every group of ``m`` consecutive inputs: [out, in / m]."""
-    if m % 8 == 0:
-        return _popcount_bytes(packed).view(packed.shape[0], -1, m // 8).sum(-1, dtype=torch.int32)
-    if 8 % m == 0:
-        fields = [_popcount_bytes((packed >> (m * i)) & ((1 << m) - 1)) for i in range(8 // m)]
-        counts = torch.stack(fields, dim=-1).view(packed.shape[0], -1)
-        return counts[:, : in_features // m]
-    mask = unpack_bitmask(packed, in_features)
-    return mask.view(mask.shape[0], -1, m).sum(-1, dtype=torch.int32)
-
-
-def _check_bitmask(check: _PrunedCheck, packed: torch.Tensor) -> None:
-    """A bitmask's set bits against the values stored and the pattern/sparsity of the spec."""
-    file, key = check.bitmask_file, check.bitmask_key
-    tail = check.in_features % 8
-    if tail:
-        stray = (packed[:, -1] >> tail) != 0
-        if bool(stray.any()):
-            row = int(stray.nonzero()[0])
-            raise CheckpointError(
-                f"{file}: tensor {key!r} sets bits beyond in_features={check.in_features} "
-                f"(row {row}) of {check.where}"
-            )
-    kept = int(_popcount_bytes(packed).sum(dtype=torch.int64))
-    if kept != check.values_length:
-        raise CheckpointError(
-            f"{file}: tensor {check.values_key!r} holds {check.values_length} values, but "
-            f"{key!r} keeps {kept} weights (its set bits) for {check.where}"
-        )
-    numel = check.out_features * check.in_features
-    if check.pattern == UNSTRUCTURED:
-        # magnitude masks prune round(s·numel); per-row (Wanda, SparseGPT) or per-block
-        # choices round once per row or block: allow one weight per row and per column.
-        pruned, implied = numel - kept, check.sparsity * numel
-        if abs(pruned - implied) > check.out_features + check.in_features:
-            raise CheckpointError(
-                f"{file}: tensor {key!r} prunes {pruned} of {numel} weights, but {check.where} "
-                f"field 'sparsity' = {check.sparsity!r} implies about {round(implied)}"
-            )
-        return
-    n, m = parse_nm_pattern(check.pattern)
-    over = _nm_group_counts(packed, check.in_features, m) > n
-    if bool(over.any()):
-        row = int(over.any(dim=1).nonzero()[0])
-        raise CheckpointError(
-            f"{file}: tensor {key!r} keeps more than {n} of {m} weights in a group (row {row}), "
-            f"which {check.where} field 'pattern' = {check.pattern!r} forbids"
-        )
-
-
-def _check_bitmasks(checks: list[_PrunedCheck]) -> None:
-    """Read every pruned layer's bitmask (1 bit per weight, opened once per file) and check it."""
-    by_file: dict[str, list[_PrunedCheck]] = {}
+def _run_content_checks(checks: list[ContentCheck]) -> None:
+    """Read each tensor the layers asked to check (each file opened once) and check it."""
+    by_file: dict[str, list[ContentCheck]] = {}
     for check in checks:
-        by_file.setdefault(check.bitmask_file, []).append(check)
+        by_file.setdefault(check.file, []).append(check)
     for file, file_checks in by_file.items():
         try:
             with safe_open(file, framework="pt") as handle:
                 for check in file_checks:
-                    _check_bitmask(check, handle.get_tensor(check.bitmask_key))
+                    error = check.check(handle.get_tensor(check.key))
+                    if error is not None:
+                        raise CheckpointError(error)
         except (SafetensorError, OSError) as error:
             raise CheckpointError(f"{file}: unreadable safetensors file ({error})") from error

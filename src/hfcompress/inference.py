@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hfcompress.layers import CompressedLayer, PrunedLinear
+from hfcompress.layers import CompressedLayer
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -25,26 +25,23 @@ def freeze(model: nn.Module) -> nn.Module:
         >>> model.generate(**inputs, max_new_tokens=64)
     """
     for module in model.modules():
-        if isinstance(module, PrunedLinear):
+        if isinstance(module, CompressedLayer):
             module.freeze_()
-        elif isinstance(module, CompressedLayer):
-            module.requires_grad_(False)
     return model
 
 
 def unfreeze(model: nn.Module) -> nn.Module:
     """Undo :func:`freeze`: masks rebuilt from the weights' non-zeros, gradients on again."""
     for module in model.modules():
-        if isinstance(module, PrunedLinear):
+        if isinstance(module, CompressedLayer):
             module.unfreeze_()
-        elif isinstance(module, CompressedLayer):
-            module.requires_grad_(True)
     return model
 
 
 def is_frozen(model: nn.Module) -> bool:
-    """Whether any pruned layer of ``model`` is in the frozen (mask-free) form."""
-    return any(isinstance(m, PrunedLinear) and m.frozen for m in model.modules())
+    """Whether any hfcompress layer of ``model`` is in an inference-only form (a pruned layer
+    without its mask; see ``CompressedLayer.frozen``)."""
+    return any(isinstance(m, CompressedLayer) and m.frozen for m in model.modules())
 
 
 def tensor_bytes(tensor: torch.Tensor) -> int:

@@ -6,11 +6,17 @@ Integration goes through transformers' public quantizer extension points only:
 * ``config.json`` carries ``quantization_config = {"quant_method": "hfcompress",
   "format_version", "hfcompress_version", "modules": {name: layer spec}}``.
 * Tensors keep the compressed modules' own names (``mlp.c_fc.u.weight``, ``o_proj.A``), except
-  pruned weights, stored compactly as their non-zero values and a bitmask:
+  where a layer class stores some in another form (``CompressedLayer.stored_form``): pruned
+  weights, stored compactly as their non-zero values and a bitmask:
   ``<p>.weight`` = values [nnz] (1-D, weight dtype, row-major order) and
   ``<p>.weight_bitmask`` = uint8 [out, ⌈in/8⌉] (bit j of byte b in row r is mask[r, 8b + j]).
   At 50% sparsity in fp32 that is 4·0.5 + 1/8 bytes per weight: 0.53× dense.
-* A low-rank or Kronecker module also gets an empty ``<p>.weight`` marker.
+* A module without a tensor of its own under the dense key (``hfcompress.formats.needs_marker``:
+  low rank, Kronecker) also gets an empty ``<p>.weight`` marker.
+
+This module and ``hfcompress.checkpoint_checks`` name no method: each layer class describes its
+on-disk state (spec fields, stored tensors, stored form, content checks; see
+``hfcompress.layers.base``).
 
 Why the dense key ``<p>.weight`` always holds something that cannot fit a dense layer: loading
 without ``import hfcompress``, transformers only warns "Unknown quantization type, got
@@ -50,30 +56,24 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from hfcompress._version import __version__
 from hfcompress.checkpoint_checks import (
-    FACTOR_NAMES,
     MARKER,
     SPEC_FIELDS,
     CheckpointError,
     Header,
-    _check_bitmasks,
     _check_spec_fits_module,
     _check_tensors,
     _nm_group_counts,
     _popcount_bytes,
-    _PrunedCheck,
     _read_headers,
+    _run_content_checks,
     _spec_where,
     check_spec,
     expected_tensors,
 )
 from hfcompress.errors import HfCompressError
-from hfcompress.layers import (
-    KroneckerLinear,
-    LowRankLinear,
-    PrunedLinear,
-    layer_from_spec,
-)
-from hfcompress.methods.prune.format import BITMASK_SUFFIX, sparse_decode, sparse_encode
+from hfcompress.formats import marker_tensor, needs_marker
+from hfcompress.layers import CompressedLayer, layer_from_spec
+from hfcompress.layers.base import ContentCheck, StoredForm
 from hfcompress.structured.reference import SETTINGS
 from hfcompress.surgery import (
     QUANT_METHOD,
@@ -83,26 +83,26 @@ from hfcompress.surgery import (
 )
 
 # The checks moved to hfcompress.checkpoint_checks; these names stay importable from here.
-_REEXPORTED = (FACTOR_NAMES, SPEC_FIELDS, Header, expected_tensors)
+_REEXPORTED = (SPEC_FIELDS, Header, expected_tensors)
 _REEXPORTED_PRIVATE = (_nm_group_counts, _popcount_bytes)  # tests use them
 
-# --- bitmask packing ------------------------------------------------------------------------------
+# --- stored forms: a layer's tensors on disk <-> in memory (CompressedLayer.stored_form) --------
 
 
-class _SparseOp(ConversionOps):
-    """A conversion between a pruned layer's (weight, mask) and its on-disk (values, bitmask)."""
+class _StoredFormOp(ConversionOps):
+    """A conversion between a layer's loaded tensors and their stored form (its ``StoredForm``)."""
 
-    # Two sources to two targets. No ``hf_quantizer`` attribute on purpose: with one,
+    # Many sources to many targets. No ``hf_quantizer`` attribute on purpose: with one,
     # transformers would skip casting the values to the requested load dtype.
     supports_many_to_many = True
 
-    def __init__(self, module_name: str, in_features: int) -> None:
+    def __init__(self, module_name: str, form: StoredForm) -> None:
         self.module_name = module_name
-        self.in_features = in_features
+        self.form = form
 
 
-class _DecodeSparse(_SparseOp):
-    """[<p>.weight (values), <p>.weight_bitmask] -> {<p>.weight [out, in], <p>.mask}."""
+class _DecodeStored(_StoredFormOp):
+    """[<p>.<stored>...] -> {<p>.<loaded>...} (pruned: [values, bitmask] -> {weight, mask})."""
 
     def convert(
         self,
@@ -112,23 +112,22 @@ class _DecodeSparse(_SparseOp):
         full_layer_name: str | None = None,
         **kwargs: Any,
     ) -> dict[str, torch.Tensor]:
-        values = input_dict.get(source_patterns[0])
-        packed = input_dict.get(source_patterns[1])
-        if not values or not packed:
+        stored = [input_dict.get(pattern) for pattern in source_patterns]
+        if not all(stored):
             raise CheckpointError(
-                f"{self.module_name}: a pruned layer needs both 'weight' values and "
-                f"'{BITMASK_SUFFIX}' in the checkpoint; found {sorted(input_dict)}"
+                f"{self.module_name}: {self.form.needs} in the checkpoint; "
+                f"found {sorted(input_dict)}"
             )
-        weight, mask = sparse_decode(values[0], packed[0], self.in_features, self.module_name)
+        loaded = self.form.decode(*(tensors[0] for tensors in stored), self.module_name)
         prefix = full_layer_name.rpartition(".")[0]
-        return {f"{prefix}.weight": weight, f"{prefix}.mask": mask}
+        return {f"{prefix}.{local}": t for local, t in zip(self.form.loaded, loaded, strict=True)}
 
     @property
     def reverse_op(self) -> ConversionOps:
-        return _EncodeSparse(self.module_name, self.in_features)
+        return _EncodeStored(self.module_name, self.form)
 
 
-class _EncodeSparse(_SparseOp):
+class _EncodeStored(_StoredFormOp):
     """The reverse, used if transformers reverts conversions when saving a loaded model."""
 
     def convert(
@@ -140,22 +139,23 @@ class _EncodeSparse(_SparseOp):
         **kwargs: Any,
     ) -> dict[str, torch.Tensor]:
         prefix = full_layer_name.rpartition(".")[0]
-        weight = input_dict[source_patterns[0]][0]
-        masks = input_dict.get(source_patterns[1])
-        if not masks:
+        loaded = [input_dict.get(pattern) for pattern in source_patterns]
+        if not all(loaded[1:]):
             # Saving a loaded model: the quantizer's state dict is already in the on-disk form
-            # (1-D values; the bitmask key does not match this converter and passes through).
-            return {f"{prefix}.weight": weight}
-        values, packed = sparse_encode(weight, masks[0])
-        return {f"{prefix}.weight": values, f"{prefix}.{BITMASK_SUFFIX}": packed}
+            # (a pruned layer's 1-D values; its bitmask key does not match this converter and
+            # passes through).
+            return {f"{prefix}.{self.form.stored[0]}": loaded[0][0]}
+        stored = self.form.encode(*(tensors[0] for tensors in loaded))
+        return {f"{prefix}.{local}": t for local, t in zip(self.form.stored, stored, strict=True)}
 
     @property
     def reverse_op(self) -> ConversionOps:
-        return _DecodeSparse(self.module_name, self.in_features)
+        return _DecodeStored(self.module_name, self.form)
 
 
-def _sparse_converter(module_name: str, in_features: int) -> WeightConverter:
-    """Decode ``<module>.weight`` + ``<module>.weight_bitmask`` into ``weight`` and ``mask``.
+def _stored_form_converter(module_name: str, form: StoredForm) -> WeightConverter:
+    """Decode ``<module>.<stored>...`` (a pruned layer: ``weight`` + ``weight_bitmask``) into
+    ``<module>.<loaded>...`` (``weight`` and ``mask``).
 
     Sources match the module name after the start or a dot (a zero-width look-behind, so a
     checkpoint key carrying a head's base-model prefix still matches and keeps its prefix);
@@ -165,10 +165,29 @@ def _sparse_converter(module_name: str, in_features: int) -> WeightConverter:
     name = re.escape(module_name)
     boundary = r"(?<![^.])"
     return WeightConverter(
-        source_patterns=[rf"{boundary}{name}\.weight", rf"{boundary}{name}\.{BITMASK_SUFFIX}"],
-        target_patterns=[rf"{name}\.weight", rf"{name}\.mask"],
-        operations=[_DecodeSparse(module_name, in_features)],
+        source_patterns=[rf"{boundary}{name}\.{re.escape(local)}" for local in form.stored],
+        target_patterns=[rf"{name}\.{re.escape(local)}" for local in form.loaded],
+        operations=[_DecodeStored(module_name, form)],
     )
+
+
+def _stored_forms(model: nn.Module) -> dict[str, StoredForm]:
+    """Module name -> stored form, for every hfcompress layer (factors included) that has one."""
+    forms = {
+        name: module.stored_form()
+        for name, module in model.named_modules()
+        if isinstance(module, CompressedLayer)
+    }
+    return {name: form for name, form in forms.items() if form is not None}
+
+
+def _marked_layers(model: nn.Module) -> list[str]:
+    """Names of the hfcompress layers that save the empty marker under their dense key."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, CompressedLayer) and needs_marker(module)
+    ]
 
 
 # --- config and quantizer -------------------------------------------------------------------------
@@ -304,10 +323,6 @@ def _rebuild_shapes(model: nn.Module, config: HfCompressConfig) -> None:
             setattr(module, key, value)
 
 
-def _pruned_layers(model: nn.Module) -> dict[str, PrunedLinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, PrunedLinear)}
-
-
 def _resolve(model: nn.Module, name: str) -> str:
     """The model's own name for a module named ``name`` in the checkpoint (head prefixes differ)."""
     names = dict(model.named_modules())
@@ -432,7 +447,7 @@ class HfCompressQuantizer(HfQuantizer):
         # structurally pruned shapes first: the layer specs are checked against them
         _rebuild_shapes(model, self.quantization_config)
         plan = []
-        bitmask_checks: list[_PrunedCheck] = []
+        content_checks: list[ContentCheck] = []
         for spec_name, spec in self.quantization_config.modules.items():
             where = _spec_where(spec_name)
             check_spec(spec, where)
@@ -448,10 +463,10 @@ class HfCompressQuantizer(HfQuantizer):
             except (HfCompressError, ValueError) as error:
                 raise CheckpointError(f"{where}: {error}") from error
             if headers is not None:
-                bitmask_checks += _check_tensors(spec_name, layer, headers, sorted_keys)
+                content_checks += _check_tensors(spec_name, layer, headers, sorted_keys)
             plan.append((name, layer))
         # before transformers converts anything: its errors would not name the tensor
-        _check_bitmasks(bitmask_checks)
+        _run_content_checks(content_checks)
         if checkpoint_files and digests_enabled():
             verify_digests(checkpoint_files)
         # every spec checked: only now change the model
@@ -459,14 +474,9 @@ class HfCompressQuantizer(HfQuantizer):
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
         self._converters = [
-            _sparse_converter(name, module.in_features)
-            for name, module in _pruned_layers(model).items()
+            _stored_form_converter(name, form) for name, form in _stored_forms(model).items()
         ]
-        markers = {
-            re.escape(n) + r"\." + MARKER + "$"
-            for n, m in model.named_modules()
-            if isinstance(m, (LowRankLinear, KroneckerLinear))
-        }
+        markers = {re.escape(n) + r"\." + MARKER + "$" for n in _marked_layers(model)}
         model._keys_to_ignore_on_load_unexpected = (
             set(model._keys_to_ignore_on_load_unexpected or ()) | markers
         )
@@ -505,16 +515,18 @@ class HfCompressQuantizer(HfQuantizer):
 
 
 def compact_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``model.state_dict()`` in the on-disk form: pruned weights as values + bitmask, markers."""
+    """``model.state_dict()`` in the on-disk form: each layer's ``encode_state`` (pruned
+    weights as values + bitmask), then the markers.
+
+    The order of the keys is that of the safetensors metadata's digests: the encoded tensors
+    move to the end, layer by layer, then one marker per marked layer.
+    """
     state = model.state_dict()
-    for name, layer in _pruned_layers(model).items():
-        # a frozen layer (hfcompress.freeze) has no mask buffer: its zeros are the mask
-        weight, mask = state.pop(f"{name}.weight"), state.pop(f"{name}.mask", None)
-        mask = layer.mask if mask is None else mask
-        state[f"{name}.weight"], state[f"{name}.{BITMASK_SUFFIX}"] = sparse_encode(weight, mask)
     for name, module in model.named_modules():
-        if isinstance(module, (LowRankLinear, KroneckerLinear)):
-            state[f"{name}.{MARKER}"] = torch.zeros(0, dtype=torch.uint8)
+        if isinstance(module, CompressedLayer):
+            module.encode_state(state, name)
+    for name in _marked_layers(model):
+        state[f"{name}.{MARKER}"] = marker_tensor()
     return state
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from abc import ABCMeta, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Any, ClassVar, Literal, NamedTuple, TypeVar
 
 import torch
 from torch import nn
@@ -147,6 +147,93 @@ def make_dense(
     return dense
 
 
+def is_positive_int(value: object) -> bool:
+    """Whether ``value`` is an int ≥ 1 (a bool is not)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+# --- the on-disk state format a layer class provides ----------------------------------------------
+# The checkpoint loader (hfcompress.checkpoint_checks, hfcompress.serialization) names no method:
+# it asks each layer class for these descriptions. The defaults fit a layer whose tensors are
+# stored as they are in memory.
+
+
+@dataclass(frozen=True)
+class SpecField:
+    """One method-specific field of a layer spec (``config.json`` ``quantization_config``).
+
+    Attributes:
+        check: whether a JSON value is valid for the field.
+        wanted: what a valid value is, for messages ("a positive integer").
+        required: whether ``from_spec`` needs it (an optional one may be absent).
+    """
+
+    check: Callable[[object], bool]
+    wanted: str
+    required: bool = True
+
+
+TensorKind = Literal["float", "bitmask", "marker"]
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """One tensor of a layer's on-disk state, as its safetensors header must describe it.
+
+    Attributes:
+        shape: its shape; None for 1-D values whose length another tensor decides.
+        kind: ``"float"`` (any floating dtype), ``"bitmask"`` (uint8, packed bits) or
+            ``"marker"`` (the empty tensor under the dense key; any dtype).
+        fields: the spec fields that decide it, named in messages.
+    """
+
+    shape: list[int] | None
+    kind: TensorKind
+    fields: tuple[str, ...]
+
+
+class FoundTensor(NamedTuple):
+    """A tensor the checkpoint holds, from its safetensors header only."""
+
+    key: str  # the checkpoint's key (it may carry a head's base-model prefix)
+    dtype: str  # safetensors dtype name: F32, BF16, U8, ...
+    shape: list[int]
+    file: str
+
+
+@dataclass(frozen=True)
+class ContentCheck:
+    """A check of one stored tensor's values, run once every header agrees.
+
+    ``check(tensor)`` returns the error message (naming ``file`` and ``key``), or None.
+    """
+
+    file: str
+    key: str
+    check: Callable[[torch.Tensor], str | None]
+
+
+@dataclass(frozen=True)
+class StoredForm:
+    """A layer's own tensors that are stored in another form on disk than in memory.
+
+    Attributes:
+        loaded: their local names in memory, e.g. ``("weight", "mask")``.
+        stored: their local names on disk, e.g. ``("weight", "weight_bitmask")``.
+        encode: loaded tensors (in ``loaded`` order) -> stored tensors (in ``stored`` order).
+        decode: (stored tensors, module name for messages) -> loaded tensors. Plain functions
+            or ``functools.partial`` (transformers deep-copies the converter holding them).
+        needs: what a checkpoint lacking some stored tensor is told, e.g. "a pruned layer needs
+            both 'weight' values and 'weight_bitmask'".
+    """
+
+    loaded: tuple[str, ...]
+    stored: tuple[str, ...]
+    encode: Callable[..., tuple[torch.Tensor, ...]]
+    decode: Callable[..., tuple[torch.Tensor, ...]]
+    needs: str
+
+
 @dataclass(frozen=True)
 class Planned:
     """What a module would be at some point of a recipe, as validation sees it.
@@ -260,6 +347,77 @@ class CompressedLayer(nn.Module, metaclass=ABCMeta):
     def report_settings(self) -> dict[str, object]:
         """The settings the compression report shows for this layer."""
         return dict(self.compression_params())
+
+    # True while a layer is in an inference-only form that refuses training (a pruned layer
+    # without its mask); the default freeze_ only stops gradients, so it stays False.
+    frozen: bool = False
+
+    def freeze_(self) -> None:
+        """Put the layer in its inference form (``hfcompress.freeze``): no gradients."""
+        self.requires_grad_(False)
+
+    def unfreeze_(self) -> None:
+        """Undo :meth:`freeze_`: the trainable form, with gradients."""
+        self.requires_grad_(True)
+
+    # --- on-disk state format (see SpecField, StoredTensor, StoredForm) ---
+
+    spec_fields: ClassVar[Mapping[str, SpecField] | None] = None
+    """The spec fields of this method besides the base ones (method, in_features,
+    out_features, bias, source). None: the spec is not checked field by field (a layer type from
+    outside hfcompress that does not declare them: its own ``from_spec`` decides)."""
+
+    @classmethod
+    def factor_spec_error(
+        cls, spec: Mapping[str, Any], name: str, factor_spec: Mapping[str, Any]
+    ) -> str | None:
+        """What is wrong with the (field-checked) spec of factor ``name`` of a (field-checked)
+        layer spec, or None. Only a layer with ``factors`` in its spec has any."""
+        return None
+
+    def stored_tensor(
+        self, path: str, local: str, tensor: torch.Tensor
+    ) -> tuple[str, StoredTensor]:
+        """How the checkpoint stores ``local`` of this layer's submodule ``path`` ("": itself).
+
+        Called for the layer's own state-dict tensors and those of plain (non-compressed)
+        submodules; a compressed submodule describes its own. Returns the stored name, relative
+        to the submodule, and what it must hold. Default: as in memory, a floating tensor of
+        the same shape.
+        """
+        fields = ("bias", "out_features") if local == "bias" else ("in_features", "out_features")
+        return local, StoredTensor(list(tensor.shape), "float", fields)
+
+    def stored_form(self) -> StoredForm | None:
+        """This layer's own tensors stored in another form on disk (None: all as in memory)."""
+        return None
+
+    def encode_state(self, state: dict[str, torch.Tensor], name: str) -> None:
+        """Put this layer's own tensors of a model state dict in their on-disk form, in place.
+
+        ``name`` is the layer's module name (keys ``<name>.<local>``). A loaded tensor the state
+        dict lacks (not resident, as a frozen pruned layer's mask) is read from the attribute.
+        The stored tensors are appended in ``stored_form().stored`` order.
+        """
+        form = self.stored_form()
+        if form is None:
+            return
+        prefix = f"{name}." if name else ""
+        loaded = [state.pop(prefix + local, None) for local in form.loaded]
+        loaded = [
+            getattr(self, local) if t is None else t
+            for local, t in zip(form.loaded, loaded, strict=True)
+        ]
+        for local, tensor in zip(form.stored, form.encode(*loaded), strict=True):
+            state[prefix + local] = tensor
+
+    def content_checks(self, found: Mapping[str, FoundTensor], where: str) -> list[ContentCheck]:
+        """Checks of stored values (beyond their headers) to run before anything loads.
+
+        ``found``: this layer's stored local names (as :meth:`stored_tensor` gives them) -> the
+        checkpoint's tensor; ``where`` names the layer's spec in messages. Default: none.
+        """
+        return []
 
 
 def count_parameters(module: nn.Module) -> int:

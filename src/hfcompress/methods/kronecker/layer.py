@@ -23,9 +23,11 @@ from hfcompress.layers.base import (
     CompressedLayer,
     LazyWeight,
     SourceKind,
+    StoredTensor,
     dense_weight_of,
     source_kind,
 )
+from hfcompress.methods.kronecker import format as disk
 
 ContractionOrder = Literal["a_first", "b_first"]
 
@@ -104,6 +106,7 @@ class KroneckerLinear(CompressedLayer):
     """
 
     method = "kronecker"
+    spec_fields = disk.SPEC_FIELDS
 
     def __init__(
         self,
@@ -239,6 +242,14 @@ class KroneckerLinear(CompressedLayer):
 
     def compression_params(self) -> dict[str, object]:
         return {"a_shape": list(self.a_shape), "terms": self.terms}
+
+    def stored_tensor(
+        self, path: str, local: str, tensor: torch.Tensor
+    ) -> tuple[str, StoredTensor]:
+        stored = disk.factor_tensor(local, tensor)
+        if stored is None:
+            return super().stored_tensor(path, local, tensor)
+        return local, stored
 
     def extra_repr(self) -> str:
         return (

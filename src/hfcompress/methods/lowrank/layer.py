@@ -9,6 +9,9 @@ and train again. The factors are two child ``nn.Linear`` modules, ``v`` (in → 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -18,13 +21,14 @@ from hfcompress.layers.base import (
     CompressedLayer,
     LazyWeight,
     SourceKind,
+    StoredTensor,
     count_parameters,
     dense_weight_of,
     layer_from_spec,
     module_spec,
     source_kind,
 )
-from hfcompress.methods.lowrank.format import follow_saved_rank
+from hfcompress.methods.lowrank import format as disk
 
 
 class LowRankLinear(CompressedLayer):
@@ -41,6 +45,7 @@ class LowRankLinear(CompressedLayer):
     """
 
     method = "lowrank"
+    spec_fields = disk.SPEC_FIELDS
 
     def __init__(
         self,
@@ -58,7 +63,7 @@ class LowRankLinear(CompressedLayer):
         check_rank(rank, out_features, in_features)
         self.v = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
         self.u = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
-        self.register_load_state_dict_pre_hook(follow_saved_rank)
+        self.register_load_state_dict_pre_hook(disk.follow_saved_rank)
 
     @classmethod
     def from_module(
@@ -135,11 +140,24 @@ class LowRankLinear(CompressedLayer):
             dtype=dtype,
         )
         for name, factor_spec in dict(spec.get("factors", {})).items():
-            if name not in ("u", "v"):
+            if name not in disk.FACTOR_NAMES:
                 raise InvalidParameterError(f"factors: unknown factor {name!r}; expected 'u', 'v'")
             if factor_spec.get("method") != "dense":
                 setattr(layer, name, layer_from_spec(factor_spec, device, dtype))
         return layer
+
+    @classmethod
+    def factor_spec_error(
+        cls, spec: Mapping[str, Any], name: str, factor_spec: Mapping[str, Any]
+    ) -> str | None:
+        return disk.factor_spec_error(spec, name, factor_spec)
+
+    def stored_tensor(
+        self, path: str, local: str, tensor: torch.Tensor
+    ) -> tuple[str, StoredTensor]:
+        if path:  # a plain factor u or v (a compressed one describes its own tensors)
+            return local, disk.plain_factor_tensor(path, local, tensor)
+        return super().stored_tensor(path, local, tensor)
 
     def to_spec(self) -> dict[str, object]:
         spec = super().to_spec()

@@ -9,6 +9,8 @@ pattern lock of Prune Once For All (Zafrir et al., 2021).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,11 +26,15 @@ from hfcompress.decompose.patterns import (
 from hfcompress.errors import FrozenLayerError, InvalidParameterError
 from hfcompress.layers.base import (
     CompressedLayer,
+    ContentCheck,
+    FoundTensor,
     SourceKind,
+    StoredForm,
+    StoredTensor,
     dense_weight_of,
     source_kind,
 )
-from hfcompress.methods.prune.format import accept_compact_weights
+from hfcompress.methods.prune import format as disk
 
 
 def compute_mask(W: torch.Tensor, pattern: str, sparsity: float) -> torch.Tensor:
@@ -57,6 +63,7 @@ class PrunedLinear(CompressedLayer):
     """
 
     method = "prune"
+    spec_fields = disk.SPEC_FIELDS
     mask: torch.Tensor
 
     def __init__(
@@ -82,7 +89,7 @@ class PrunedLinear(CompressedLayer):
         self.register_buffer(
             "mask", torch.ones(out_features, in_features, dtype=torch.bool, device=device)
         )
-        self.register_load_state_dict_pre_hook(accept_compact_weights)
+        self.register_load_state_dict_pre_hook(disk.accept_compact_weights)
         # keep the invariant the no-grad forward relies on: masked weights are exact zeros
         self.register_load_state_dict_post_hook(_zero_masked_after_load)
 
@@ -258,6 +265,30 @@ class PrunedLinear(CompressedLayer):
     def nonzero_param_count(self) -> int:
         bias = self.bias.numel() if self.bias is not None else 0
         return int(self.mask.sum()) + bias
+
+    # --- on-disk state: values + bitmask (hfcompress.methods.prune.format) ---
+
+    def stored_tensor(
+        self, path: str, local: str, tensor: torch.Tensor
+    ) -> tuple[str, StoredTensor]:
+        stored = disk.stored_tensor(self.out_features, self.in_features, local)
+        if stored is None:
+            return super().stored_tensor(path, local, tensor)
+        return stored
+
+    def stored_form(self) -> StoredForm:
+        return disk.stored_form(self.in_features)
+
+    def content_checks(self, found: Mapping[str, FoundTensor], where: str) -> list[ContentCheck]:
+        check = disk.bitmask_check(
+            found,
+            where,
+            out_features=self.out_features,
+            in_features=self.in_features,
+            pattern=self.pattern,
+            sparsity=self.sparsity,
+        )
+        return [check]
 
     def extra_repr(self) -> str:
         return (
