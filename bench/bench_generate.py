@@ -13,10 +13,10 @@ Forms (decoder layers only; ``lm_head`` is tied to the embeddings and never comp
 * ``prune50-frozen``: the same after ``hfcompress.freeze`` (mask dropped: the dense bytes).
 * ``2:4-frozen``: 2:4 magnitude pruning of every decoder Linear, frozen.
 * ``lowrank-mlp50``: truncated SVD of the MLP gate/up/down projections at ratio 0.5, frozen.
-* ``FORM+int8``: any frozen form (or dense) followed by ``hfcompress.quantize_int8``: every
-  untied ``nn.Linear``, pruned weight and low-rank factor in int8 (CPU: torch.ao dynamic
-  quantization, fp32 models only; CUDA: torchao int8 weight-only); the tied ``lm_head`` and the
-  Kronecker factors stay in floating point.
+* ``FORM+int8``: any frozen form (or dense) followed by ``hfcompress.quantize_int8`` (its
+  default mode, weight-only int8 through torchao): every untied ``nn.Linear``, pruned weight and
+  low-rank factor in int8; the tied ``lm_head`` and the Kronecker factors stay in floating
+  point. ``bench/bench_int8.py`` compares the int8 modes.
 * ``kronecker-mlp``: nearest Kronecker product (Van Loan) of the MLP projections, frozen:
   gate/up [1536, 576] with A (768, 288) ⊗ B (2, 2), down [576, 1536] with A (288, 768) ⊗ B (2, 2);
   with one term (``--kronecker-terms``) it keeps 25% of the MLP parameters (half with two).

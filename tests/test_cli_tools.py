@@ -14,8 +14,10 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import cli_helpers
+import hfcompress
 from cli_helpers import WORDS, run_main, table_value
 from conftest import tiny_model, word_tokenizer
+from hfcompress.layers import PrunedLinear
 
 # --- eval ------------------------------------------------------------------------------------
 
@@ -74,6 +76,48 @@ def test_eval_speed_and_parameter_counts(tiny_folder, capsys):
     assert table_value(stdout, "parameters (non-zero)") == f"{total:,}"
     for needle in ("latency median", "throughput (tokens/s)", "checkpoint size (MB)"):
         assert needle in stdout
+    generated = table_value(stdout, "generation tokens/s (32 new, batch 1)")
+    assert float(generated.replace(",", "")) > 0
+
+
+def test_eval_speed_reports_memory_and_generation_beside_the_reference(
+    tiny_folder, tmp_path, capsys
+):
+    pruned = tmp_path / "pruned"
+    model = AutoModelForCausalLM.from_pretrained(tiny_folder)
+    hfcompress.compress_model(
+        model,
+        {"stages": [{"method": "prune", "targets": r".*mlp.*", "sparsity": 0.5}]},
+        progress=False,
+    )
+    model.save_pretrained(pruned)
+    code, stdout, err = run_main(
+        capsys,
+        "eval",
+        pruned,
+        "--speed",
+        "--reference",
+        tiny_folder,
+        "--repeats",
+        "2",
+        "--seq-len",
+        "16",
+        "--new-tokens",
+        "4",
+    )
+    assert code == 0, err
+    # by hand: fp32 parameters (tied ones once) plus one bool byte per pruned weight (the mask)
+    loaded = AutoModelForCausalLM.from_pretrained(pruned)
+    unique = {id(p): p for p in loaded.parameters()}.values()
+    masks = sum(m.mask.numel() for m in loaded.modules() if isinstance(m, PrunedLinear))
+    size = sum(p.numel() for p in unique) * 4 + masks
+    dense = AutoModelForCausalLM.from_pretrained(tiny_folder)
+    dense_size = sum(p.numel() for p in {id(p): p for p in dense.parameters()}.values()) * 4
+    assert table_value(stdout, "model memory (MB)") == f"{size / 1e6:,.1f}"
+    assert table_value(stdout, "model memory vs reference") == f"{size / dense_size:.2f}x"
+    assert float(table_value(stdout, "generation tokens/s (4 new, batch 1)")) > 0
+    assert table_value(stdout, "generation speedup vs reference").endswith("x")
+    assert table_value(stdout, "forward speedup vs reference").endswith("x")
 
 
 # --- analyze -------------------------------------------------------------------------------------

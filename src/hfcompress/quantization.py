@@ -10,12 +10,19 @@ covers them:
    dropped, as :func:`hfcompress.freeze` does). Symmetric int8 quantization maps 0 to 0, so the
    pruned pattern survives quantization exactly. GPT-2's ``Conv1D`` becomes an ``nn.Linear`` too;
 2. every ``nn.Linear`` whose weight is not tied to another module (a tied ``lm_head`` shares the
-   embedding matrix, which stays as it is) is quantized:
+   embedding matrix, which stays as it is) is quantized, by ``mode``:
 
-   * on CPU, with PyTorch's dynamic quantization (``torch.ao``: int8 weights with one scale per
-     output row, activations quantized per batch, fbgemm/qnnpack int8 matrix products);
-   * elsewhere (CUDA), or when a torchao ``config`` is given, with torchao's ``quantize_``
-     (``Int8WeightOnlyConfig`` by default; ``pip install torchao``).
+   * ``"weight-only"`` (the default): int8 weights with one scale per output row, activations
+     in floating point (torchao ``Int8WeightOnlyConfig``; any device; ``pip install
+     "hfcompress[int8]"``). On SmolLM2-135M (CPU, fp32): perplexity 1.01×, decode 1.44×,
+     model bytes 0.41× (docs/benchmarks.md);
+   * ``"dynamic"``: activations quantized too, at run time, for int8 matrix products. On CPU,
+     PyTorch's own dynamic quantization (``torch.ao``, fbgemm/qnnpack; one activation scale per
+     tensor, float32 models): the fastest (decode 1.98×, prefill 2.66×) but the least accurate
+     on LLMs, whose activations have outlier channels (perplexity 2.67×; 1.13× with
+     ``exclude=r".*down_proj"``). On CUDA, torchao ``Int8DynamicActivationInt8WeightConfig``
+     (one scale per token);
+   * or any torchao ``config``.
 
 Kronecker factors stay in floating point (their products are reshaped contractions, not
 ``nn.Linear``); they hold a quarter to a half of the dense parameters already.
@@ -33,15 +40,17 @@ import types
 import warnings
 from typing import Any
 
+import regex
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from hfcompress.errors import HfCompressError
 from hfcompress.layers import CompressedLayer, PrunedLinear
+from hfcompress.matching import fullmatch
 from hfcompress.validation import tied_modules
 
-__all__ = ["int8_linear_names", "is_int8", "quantize_int8", "to_linear"]
+__all__ = ["MODES", "int8_linear_names", "is_int8", "quantize_int8", "to_linear"]
 
 
 def _linear_of(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
@@ -77,17 +86,28 @@ def to_linear(model: nn.Module) -> int:
     return replaced
 
 
-def int8_linear_names(model: nn.Module) -> list[str]:
-    """Names of the ``nn.Linear`` modules :func:`quantize_int8` quantizes: all but tied ones."""
+def int8_linear_names(model: nn.Module, exclude: str | None = None) -> list[str]:
+    """Names of the ``nn.Linear`` modules :func:`quantize_int8` quantizes: all but tied ones,
+    and but those whose name (or a parent's: ``...mlp.down_proj`` covers its factors)
+    ``exclude`` matches in full."""
     tied = tied_modules(model)
+
+    def excluded(name: str) -> bool:
+        parts = name.split(".")
+        prefixes = (".".join(parts[:i]) for i in range(1, len(parts) + 1))
+        return exclude is not None and any(fullmatch(exclude, p, "exclude") for p in prefixes)
+
     return [
         name
         for name, module in model.named_modules()
-        if type(module) is nn.Linear and name not in tied
+        if type(module) is nn.Linear and name not in tied and not excluded(name)
     ]
 
 
-def _quantize_cpu(model: nn.Module, names: list[str]) -> None:
+MODES = ("weight-only", "dynamic")
+
+
+def _quantize_torch_ao_dynamic(model: nn.Module, names: list[str]) -> None:
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
     with warnings.catch_warnings():
@@ -97,20 +117,34 @@ def _quantize_cpu(model: nn.Module, names: list[str]) -> None:
         quantize_dynamic(model, {name: per_channel_dynamic_qconfig for name in names}, inplace=True)
 
 
-def _quantize_torchao(model: nn.Module, names: list[str], config: Any | None) -> None:
+def _torchao() -> Any:
     try:
-        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+        import torchao.quantization as torchao_quantization
     except ImportError as error:
         raise HfCompressError(
-            "quantize_int8: int8 off the CPU (or with a torchao config) needs torchao "
-            "(pip install torchao); on CPU, PyTorch's own dynamic quantization is used"
+            "quantize_int8: this mode needs torchao, which is not installed "
+            '(pip install "hfcompress[int8]"); on CPU, mode="dynamic" needs only torch'
         ) from error
+    return torchao_quantization
+
+
+def _quantize_torchao(model: nn.Module, names: list[str], config: Any) -> None:
     wanted = set(names)
-    quantize_(
-        model,
-        config if config is not None else Int8WeightOnlyConfig(),
-        filter_fn=lambda module, name: name in wanted,
-    )
+    _torchao().quantize_(model, config, filter_fn=lambda module, name: name in wanted)
+
+
+def _backend(mode: str, config: Any | None, device: torch.device) -> tuple[str, Any | None]:
+    """("torch.ao", None) or ("torchao", its config) for ``mode`` on ``device``."""
+    if config is not None:
+        return "torchao", config
+    if mode not in MODES:
+        raise HfCompressError(f"quantize_int8: mode={mode!r}; expected one of {list(MODES)}")
+    if mode == "dynamic" and device.type == "cpu":
+        return "torch.ao", None
+    torchao = _torchao()
+    if mode == "dynamic":
+        return "torchao", torchao.Int8DynamicActivationInt8WeightConfig()
+    return "torchao", torchao.Int8WeightOnlyConfig()
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -120,18 +154,33 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def quantize_int8(model: nn.Module, config: Any | None = None) -> nn.Module:
+def quantize_int8(
+    model: nn.Module,
+    mode: str = "weight-only",
+    *,
+    config: Any | None = None,
+    exclude: str | None = None,
+) -> nn.Module:
     """Quantize a (compressed) model's linear weights to int8, in place, for inference; returns it.
 
     Covers the model's remaining dense ``nn.Linear`` modules, its pruned layers (through
     :func:`to_linear`: zeros stay zeros) and the low-rank factors; tied weights and
-    Kronecker factors stay in floating point. See the module docstring for the backends.
+    Kronecker factors stay in floating point. See the module docstring for the modes.
 
     Args:
         model: a model on one device, e.g. from ``compress_model`` or ``from_pretrained``.
-        config: a torchao ``AOBaseConfig`` (e.g. ``Int8DynamicActivationInt8WeightConfig()``) to
-            use torchao on any device; by default, torch.ao dynamic quantization on CPU and
-            torchao's ``Int8WeightOnlyConfig`` elsewhere.
+        mode: ``"weight-only"`` (int8 weights, float activations: keeps the accuracy) or
+            ``"dynamic"`` (int8 activations too: faster on CPU, less accurate on LLMs).
+        config: a torchao ``AOBaseConfig`` instead of ``mode``.
+        exclude: a regex; modules whose name it matches in full stay in floating point (e.g.
+            ``r".*down_proj"``: the layers whose inputs carry the largest activation outliers,
+            where per-tensor activation scales lose the most). Applied to a module and its
+            factors alike.
+
+    Raises:
+        HfCompressError: an unknown mode, a bad ``exclude``, torchao missing for the mode, a
+            non-float32 model for CPU dynamic quantization, or a model already in int8; the
+            model is left as it was.
 
     Example:
         >>> model = AutoModelForCausalLM.from_pretrained("smollm2-pruned")
@@ -140,19 +189,24 @@ def quantize_int8(model: nn.Module, config: Any | None = None) -> nn.Module:
     """
     if is_int8(model):
         raise HfCompressError("quantize_int8: the model is already quantized to int8")
-    device = _device_of(model)
-    if config is None and device.type == "cpu":
+    backend, ao_config = _backend(mode, config, _device_of(model))
+    if backend == "torch.ao":
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
         if dtype not in (None, torch.float32):
             raise HfCompressError(
                 f"quantize_int8: PyTorch's CPU dynamic quantization needs a float32 model, got "
-                f"{dtype}; call model.float() first, or pass a torchao config"
+                f'{dtype}; call model.float() first, or use mode="weight-only"'
             )
+    try:
+        if exclude is not None:
+            regex.compile(exclude)  # a bad pattern fails here, before any change
+    except regex.error as error:
+        raise HfCompressError(f"quantize_int8: exclude={exclude!r}: {error}") from error
     to_linear(model)
     for module in model.modules():
         if isinstance(module, CompressedLayer):
             module.requires_grad_(False)
-    names = int8_linear_names(model)
+    names = int8_linear_names(model, exclude)
     kronecker = sum(getattr(m, "method", None) == "kronecker" for m in model.modules())
     if kronecker:
         warnings.warn(
@@ -160,10 +214,10 @@ def quantize_int8(model: nn.Module, config: Any | None = None) -> nn.Module:
             f"(only nn.Linear weights are quantized); {len(names)} Linear module(s) get int8",
             stacklevel=2,
         )
-    if config is None and device.type == "cpu":
-        _quantize_cpu(model, names)
+    if backend == "torch.ao":
+        _quantize_torch_ao_dynamic(model, names)
     else:
-        _quantize_torchao(model, names, config)
+        _quantize_torchao(model, names, ao_config)
     if hasattr(model, "save_pretrained"):
         model.save_pretrained = types.MethodType(_refuse_save, model)
     model.eval()

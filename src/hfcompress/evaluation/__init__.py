@@ -18,6 +18,7 @@ from hfcompress.evaluation.efficiency import (
     compare_speed,
     compression_ratio,
     count_parameters,
+    measure_generation,
     measure_latency,
     weighted_score,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "count_parameters",
     "evaluate_classification",
     "f1_score",
+    "measure_generation",
     "measure_latency",
     "perplexity",
     "perplexity_of_dataset",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +35,8 @@ class ParameterCount:
         total: stored parameter entries; a tensor shared by several modules (tied embeddings)
             counts once. Buffers such as pruning masks are not parameters.
         nonzero: entries that can be non-zero: a ``PrunedLinear`` weight counts only the entries
-            its mask keeps. Structural, so dense weights that happen to be 0 still count.
+            its mask keeps. Structural, so dense weights that happen to be 0 still count; an
+            int8 weight of :func:`hfcompress.quantize_int8` counts its non-zero int8 values.
     """
 
     total: int
@@ -58,8 +60,18 @@ def count_parameters(model: nn.Module) -> ParameterCount:
             total += parameter.numel()
             if isinstance(module, PrunedLinear) and parameter is module.weight:
                 nonzero += int(module.mask.sum())
+            elif isinstance(getattr(parameter, "qdata", None), torch.Tensor):
+                nonzero += int(parameter.qdata.count_nonzero())  # torchao int8: zeros survive
             else:
                 nonzero += parameter.numel()
+        packed = getattr(module, "_packed_params", None)
+        if packed is not None and hasattr(packed, "_weight_bias"):
+            # torch.ao's int8 Linear (hfcompress.quantize_int8) holds no parameters: its weight
+            # is packed for the kernel, and its structure is gone, so count int8 non-zeros
+            weight, bias = packed._weight_bias()
+            values = weight.int_repr()
+            total += values.numel() + (bias.numel() if bias is not None else 0)
+            nonzero += int(values.count_nonzero()) + (bias.numel() if bias is not None else 0)
     return ParameterCount(total=total, nonzero=nonzero)
 
 
@@ -191,6 +203,86 @@ def compare_speed(
                 times[name].append(_time(calls[name], devices[name]))
     tokens = _tokens(inputs)
     measured = _summarize(times["model"], tokens)
+    baseline = _summarize(times["reference"], tokens)
+    return SpeedComparison(measured, baseline, baseline.median_s / measured.median_s)
+
+
+def _generate(model: nn.Module, input_ids: torch.Tensor, new_tokens: int) -> Callable[[], object]:
+    """Greedy ``generate`` of exactly ``new_tokens`` tokens (EOS ignored), with the KV cache."""
+    ids = input_ids.to(model_device(model))
+    config = getattr(model, "generation_config", None) or model.config
+    pad = getattr(config, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(config, "eos_token_id", None)
+        pad = pad[0] if isinstance(pad, list) else pad
+
+    def call() -> torch.Tensor:
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=pad if pad is not None else 0,
+        )
+        if out.shape[1] != ids.shape[1] + new_tokens:  # a decoder-only model returns the prompt too
+            raise InvalidParameterError(
+                f"generate returned {out.shape[1]} positions, expected prompt {ids.shape[1]} + "
+                f"{new_tokens} new tokens (is this a decoder-only model?)"
+            )
+        return out
+
+    return call
+
+
+def measure_generation(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    new_tokens: int = 32,
+    reference: nn.Module | None = None,
+    warmup: int = 1,
+    repeats: int = 3,
+    *,
+    progress: bool = True,
+) -> SpeedComparison | LatencyResult:
+    """Decoding speed: greedy generation of exactly ``new_tokens`` tokens after ``input_ids``.
+
+    ``tokens`` is ``batch × new_tokens`` (the prompt's prefill is inside the timed call).
+    With ``reference``, the two are timed alternately in the same run, as in
+    :func:`compare_speed`, and a :class:`SpeedComparison` is returned.
+
+    Args:
+        model: a decoder-only model with ``generate`` (``AutoModelForCausalLM``).
+        input_ids: the prompt, [batch, prompt_length].
+        new_tokens: tokens generated per call.
+    """
+    _check_counts(warmup, repeats)
+    if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or new_tokens < 1:
+        raise InvalidParameterError(f"new_tokens={new_tokens!r}: expected an int ≥ 1")
+    models = {"model": model} if reference is None else {"model": model, "reference": reference}
+    for name, candidate in models.items():
+        if not callable(getattr(candidate, "generate", None)):
+            raise InvalidParameterError(
+                f"{name}: {type(candidate).__name__} has no generate(); decoding speed needs a "
+                "causal language model"
+            )
+    calls = {name: _generate(m, input_ids, new_tokens) for name, m in models.items()}
+    times: dict[str, list[float]] = {name: [] for name in models}
+    tokens = input_ids.shape[0] * new_tokens
+    with ExitStack() as stack:
+        for candidate in models.values():
+            stack.enter_context(eval_mode(candidate))
+        for _ in range(warmup):
+            for call in calls.values():
+                call()
+        for i in tqdm(range(repeats), desc="generating", unit="round", disable=not progress):
+            order = list(models) if i % 2 == 0 else list(reversed(models))
+            for name in order:
+                times[name].append(_time(calls[name], model_device(models[name])))
+    measured = _summarize(times["model"], tokens)
+    if reference is None:
+        return measured
     baseline = _summarize(times["reference"], tokens)
     return SpeedComparison(measured, baseline, baseline.median_s / measured.median_s)
 
