@@ -50,6 +50,36 @@ def _zero_masked_after_load(module: PrunedLinear, incompatible_keys: object) -> 
         module.apply_mask_()
 
 
+def _dense_weight_in_state(
+    module: PrunedLinear, state: dict[str, torch.Tensor], prefix: str, local_metadata: object
+) -> None:
+    """A frozen 2:4 layer on CUDA holds a semi-structured weight: state dicts (and so
+    checkpoints) hold the dense [out, in] weight, as for any other pruned layer."""
+    weight = state.get(prefix + "weight")
+    if weight is not None and is_semi_structured(weight):
+        state[prefix + "weight"] = weight.to_dense()
+
+
+def is_semi_structured(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is one of PyTorch's 2:4 semi-structured sparse tensors."""
+    return isinstance(tensor, torch.sparse.SparseSemiStructuredTensor)
+
+
+def semi_structured(weight: torch.Tensor) -> torch.Tensor | None:
+    """``weight`` [out, in] (2:4 pruned) as a semi-structured sparse tensor, or None if the
+    device cannot run it: CUDA of compute capability ≥ 8.0, fp16/bf16, and shapes the kernels
+    take (multiples of their tiles). Then ``F.linear`` runs the cuSPARSELt/CUTLASS 2:4 kernels
+    and the weight holds half its values plus 2-bit metadata per kept value."""
+    if not weight.is_cuda or weight.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    if torch.cuda.get_device_capability(weight.device) < (8, 0):
+        return None
+    try:
+        return torch.sparse.to_sparse_semi_structured(weight.detach().contiguous())
+    except (RuntimeError, ValueError, NotImplementedError):  # shape or backend not supported
+        return None
+
+
 class PrunedLinear(CompressedLayer):
     """y = x·(W ⊙ M)ᵀ + b with W: [out, in] and a boolean mask M: [out, in].
 
@@ -92,6 +122,7 @@ class PrunedLinear(CompressedLayer):
         self.register_load_state_dict_pre_hook(disk.accept_compact_weights)
         # keep the invariant the no-grad forward relies on: masked weights are exact zeros
         self.register_load_state_dict_post_hook(_zero_masked_after_load)
+        self.register_state_dict_post_hook(_dense_weight_in_state)
 
     @classmethod
     def from_module(
@@ -195,7 +226,7 @@ class PrunedLinear(CompressedLayer):
         # A frozen layer's mask is its non-zero pattern, computed on the rare read (reports,
         # saving); it is never resident.
         if name == "mask" and self.__dict__.get("frozen", False):
-            return self.weight.detach() != 0
+            return self.dense_weight().detach() != 0
         return super().__getattr__(name)
 
     @torch.no_grad()
@@ -211,12 +242,17 @@ class PrunedLinear(CompressedLayer):
         del self._buffers["mask"]
         self.frozen = True
         self.weight.requires_grad_(False)
+        sparse = semi_structured(self.weight) if self.pattern == "2:4" else None
+        if sparse is not None:
+            self.weight = nn.Parameter(sparse, requires_grad=False)
 
     @torch.no_grad()
     def unfreeze_(self) -> None:
         """The trainable form again: the mask buffer is rebuilt from the weight's non-zeros."""
         if not self.frozen:
             return
+        if is_semi_structured(self.weight):
+            self.weight = nn.Parameter(self.weight.detach().to_dense())
         mask = self.weight != 0
         self.frozen = False
         self.register_buffer("mask", mask)
@@ -254,7 +290,10 @@ class PrunedLinear(CompressedLayer):
         self.apply_mask_()
 
     def dense_weight(self) -> torch.Tensor:
-        return self.weight if self.frozen else self.weight * self.mask
+        if self.frozen:
+            weight = self.weight
+            return weight.to_dense() if is_semi_structured(weight) else weight
+        return self.weight * self.mask
 
     def dense_bias(self) -> torch.Tensor | None:
         return self.bias
