@@ -276,6 +276,9 @@ def _compress_block(
                     else None
                 )
                 swapper.apply(op, layer_stats)
+        del stats
+    # every module of the block is final: its statistics become output errors and are freed
+    swapper.settle([head + name for name in by_module])
 
 
 def _block_index(prefix: str, name: str) -> int | None:

@@ -249,10 +249,10 @@ def _add_note(error: BaseException, note: str) -> None:
 
 def _report_rows(applier: Swapper) -> list[ModuleReport]:
     rows = []
+    applier.settle()  # any statistics not settled block by block
     for name, new in applier.current.items():
         original = applier.originals[name]
         W = dense_weight_of(original)
-        stats = applier.stats.get(name)
         rows.append(
             ModuleReport(
                 name=name,
@@ -263,19 +263,10 @@ def _report_rows(applier: Swapper) -> list[ModuleReport]:
                 params_after=count_parameters(new),
                 settings=_report_settings(new),
                 rel_error=_relative_error(W, new),
-                output_error=None if stats is None else _output_error(W, new, stats.inputs.gram),
+                output_error=applier.output_errors.get(name),
             )
         )
     return rows
-
-
-def _output_error(W: torch.Tensor, module: nn.Module, gram: torch.Tensor) -> float:
-    """‖(W − Ŵ)X‖_F / ‖W X‖_F from the Gram matrix G = X·Xᵀ: √tr(Δ G Δᵀ) / √tr(W G Wᵀ)."""
-    W32 = W.detach().float().to(gram.device)
-    delta = W32 - dense_weight_of(module).detach().float().to(gram.device)
-    num = ((delta @ gram) * delta).sum().clamp_min(0).sqrt()
-    den = ((W32 @ gram) * W32).sum().clamp_min(1e-30).sqrt()
-    return float(num / den)
 
 
 def compression_spec(model: nn.Module) -> dict[str, Any]:
