@@ -6,7 +6,7 @@ docs/methods.md for adding one.
 
 from importlib import import_module
 
-BUILT_IN = ("prune", "lowrank", "kronecker", "width", "depth")
+BUILT_IN = ("prune", "lowrank", "kronecker", "width", "heads", "depth")
 
 for _name in BUILT_IN:
     import_module(f"hfcompress.methods.{_name}")
