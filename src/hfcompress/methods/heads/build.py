@@ -14,7 +14,7 @@ ways that leave a valid GQA module:
 
 FLAP (An et al. 2024, "Fluctuation-based Adaptive Structured Pruning for Large Language
 Models") then compensates in the consumer: o_proj is refit by least squares on the kept heads'
-calibration activations (the same closed form as ``width``'s ``refit_consumer``).
+calibration activations (``hfcompress.structured.refit.refit_consumer``, shared with ``width``).
 
 Only ``num_key_value_groups`` (and, where a module has them, ``num_heads`` /
 ``num_key_value_heads``) is read by the attention's forward, which reshapes q/k/v with
@@ -34,7 +34,6 @@ from torch import nn
 
 from hfcompress.errors import HfCompressError, InvalidParameterError
 from hfcompress.methods.heads.config import HeadsStage
-from hfcompress.methods.width.build import _output_error, loss_gradients, refit_consumer
 from hfcompress.registry import ModelContext, StructuredChange
 from hfcompress.runner import capture_inputs, collect_stats, next_inputs
 from hfcompress.stats import InputStats
@@ -47,6 +46,7 @@ from hfcompress.structured import (
     select_outputs,
 )
 from hfcompress.structured.model import has_lm_head, model_batches, outer_stack, stacks
+from hfcompress.structured.refit import loss_gradients, refit_consumer, refit_output_error
 from hfcompress.structured.targets import grouped_errors, no_match_message, select_modules
 
 DATA_CRITERIA = frozenset({"activation", "taylor"})
@@ -331,7 +331,7 @@ def prune_heads(
         if new_bias is not None:
             with torch.no_grad():
                 new.bias.copy_(new_bias)
-        error = _output_error(W, consumer.bias, new_weight, new_bias, q_rows, stats)
+        error = refit_output_error(W, consumer.bias, new_weight, new_bias, q_rows, stats)
     journal.setattr(attention, parts.o, new)
     _set_counts(attention, len(choice.query), len(choice.kv), journal)
     return error
