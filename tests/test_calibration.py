@@ -345,3 +345,29 @@ def test_output_gradient_energy_matches_retained_gradients():
     for n in names:
         assert energy[n].shape == (model.get_submodule(n).out_features,)
         assert torch.allclose(energy[n], 36 * expected[n], rtol=1e-4, atol=1e-12)
+
+
+def test_calibration_device_equal_to_the_models_changes_nothing():
+    # the offload path (model in CPU memory, blocks calibrated on a GPU) runs in tests/test_gpu.py;
+    # here: naming the model's own device is the default path, bit for bit
+    stage = {"method": "prune", "criterion": "sparsegpt", "sparsity": 0.5, "targets": BLOCK_LINEARS}
+    ids = torch.randint(0, 100, (4, 16), generator=torch.Generator().manual_seed(0))
+    default, named = tiny_model("llama"), tiny_model("llama")
+    named.load_state_dict(default.state_dict())
+    compress_model(default, {"stages": [stage]}, calibration=ids, progress=False)
+    compress_model(
+        named, {"stages": [stage]}, calibration=ids, calibration_device="cpu", progress=False
+    )
+    for (name, a), (_, b) in zip(
+        default.state_dict().items(), named.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+
+
+def test_to_device_moves_every_nested_tensor():
+    cos, sin, ids = torch.ones(2), torch.zeros(2), torch.arange(3)
+    value = ((torch.ones(1), {"position_embeddings": (cos, sin), "cache": None}), [ids], 7)
+    moved = runner_module.to_device(value, torch.device("meta"))
+    (hidden, kwargs), (ids_moved,), seven = moved
+    assert hidden.is_meta and ids_moved.is_meta and seven == 7 and kwargs["cache"] is None
+    assert all(t.is_meta for t in kwargs["position_embeddings"])

@@ -161,3 +161,45 @@ def test_int8_through_torchao_on_cuda():
         after = model_output(model, inputs)
     assert _relative(after, before) < 0.05
     assert hfcompress.model_bytes(model) < 0.75 * bytes_before
+
+
+def _deep_llama() -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=8,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("criterion", ["sparsegpt", "wanda"])
+def test_offloaded_calibration_holds_one_block_on_the_gpu(criterion):
+    # the model stays in CPU memory; each block is calibrated on the GPU and moved back
+    stage = {"method": "prune", "criterion": criterion, "sparsity": 0.5, "targets": BLOCK_LINEARS}
+    calibration = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(1))
+    on_cpu, offloaded = _deep_llama(), _deep_llama()
+    compress_model(on_cpu, {"stages": [stage]}, calibration=calibration, progress=False)
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    compress_model(
+        offloaded,
+        {"stages": [stage]},
+        calibration=calibration,
+        calibration_device="cuda",
+        progress=False,
+    )
+    peak = torch.cuda.max_memory_allocated() - before
+    assert all(t.device.type == "cpu" for t in (*offloaded.parameters(), *offloaded.buffers()))
+    blocks = hfcompress.model_bytes(offloaded.model.layers)
+    assert peak < 0.5 * blocks, (peak, blocks)  # a block or two, not the stack
+    ids = calibration[:2]
+    with torch.no_grad():
+        expected, got = on_cpu(input_ids=ids).logits, offloaded(input_ids=ids).logits
+    assert _relative(got, expected) < 1e-3

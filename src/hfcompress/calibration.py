@@ -214,6 +214,7 @@ def apply_layerwise(
     swapper: Swapper,
     progress: bool = True,
     true_sequential: bool = False,
+    device: torch.device | str | None = None,
 ) -> None:
     """Apply every operation; those inside the layer stack block by block on calibration data.
 
@@ -221,6 +222,7 @@ def apply_layerwise(
     group of modules reading the same tensor with ``true_sequential``), ask each stage's
     builder for the new layer (``swapper.apply``), then run the compressed block to produce
     the next block's inputs. Operations outside the stack (data-free ones) run after.
+    With ``device``, each block is calibrated there (see :func:`run_layerwise`).
     """
     calibrated = [op for op in ops if needs_calibration(op.stage)]
     prefix, stack = layer_stack(model, sorted({op.module_name for op in calibrated}))
@@ -231,13 +233,19 @@ def apply_layerwise(
         index = _block_index(prefix, op.module_name)
         (outside if index is None else by_block.setdefault(index, [])).append(op)
 
+    home = next(stack[0].parameters()).device
+
     def compress(index: int, block: nn.Module, inputs: list[tuple]) -> None:
         ops_here = by_block.get(index, [])
         _compress_block(
             block, f"{prefix}.{index}.", ops_here, inputs, weights, swapper, true_sequential
         )
+        # with a separate compute device, the replaced modules (kept for undo and the report)
+        # went there with their block: they go back to where the model lives
+        for op in ops_here:
+            swapper.originals[op.module_name].to(home)
 
-    run_layerwise(model, batches, stack, compress, progress)
+    run_layerwise(model, batches, stack, compress, progress, device)
     for op in outside:
         swapper.apply(op)
 

@@ -180,22 +180,58 @@ def run_layerwise(
     stack: nn.ModuleList,
     compress_block: Callable[[int, nn.Module, list[tuple]], None],
     progress: bool = True,
+    device: torch.device | str | None = None,
 ) -> None:
     """Run ``stack`` block by block on calibration data, each block seeing compressed inputs.
 
     ``compress_block(index, block, inputs)`` gathers what it needs (see :func:`collect_stats`)
     and changes the block in place; its outputs then feed the next block.
+
+    With a compute ``device`` other than the model's (the model in CPU memory, ``device`` a
+    GPU), only the block being compressed is moved there, with its inputs and statistics, and
+    moved back once compressed: the device holds one block and its calibration activations,
+    never the model. The embeddings run where the model is.
     """
+    home = _device_of(stack[0])
+    compute = home if device is None else torch.device(device)
+    offload = compute != home
     was_training = model.training
     model.eval()
     try:
         inputs = capture_inputs(model, stack[0], batches)
+        if offload:
+            inputs = to_device(inputs, compute)
         for index, block in enumerate(_iterate(stack, progress)):
-            compress_block(index, block, inputs)
-            if index + 1 < len(stack):
-                inputs = next_inputs(block, inputs)
+            if offload:
+                block.to(compute)
+            try:
+                compress_block(index, block, inputs)
+                if index + 1 < len(stack):
+                    inputs = next_inputs(block, inputs)
+            finally:
+                if offload:
+                    block.to(home)
     finally:
         model.train(was_training)
+
+
+def to_device(value: Any, device: torch.device) -> Any:
+    """``value`` (tensors nested in tuples, lists and dicts) with every tensor on ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(to_device(v, device) for v in value)
+    if isinstance(value, list):
+        return [to_device(v, device) for v in value]
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    return value
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    for tensor in (*module.parameters(), *module.buffers()):
+        return tensor.device
+    return torch.device("cpu")
 
 
 def _iterate(stack: nn.ModuleList, progress: bool) -> Iterator[nn.Module]:

@@ -89,6 +89,7 @@ def compress_model(
     progress: bool = True,
     calibration_batch_size: int = 8,
     true_sequential: bool = False,
+    calibration_device: torch.device | str | None = None,
 ) -> CompressionReport:
     """Compress ``model`` in place according to ``recipe``.
 
@@ -107,6 +108,11 @@ def compress_model(
             forward order, each group (q/k/v; o; gate/up; down) calibrated on the outputs of the
             groups before it, already compressed (GPTQ's option). One block forward per group
             instead of one per block; on SmolLM2 it did not lower SparseGPT's perplexity.
+        calibration_device: with ``calibration``, the device that calibrates, when the model
+            lives elsewhere (e.g. ``"cuda"`` for a model in CPU memory larger than the GPU):
+            each block moves there to be compressed and back, so the device holds one block
+            and its activations. Default: where the model is. The layer criteria only; the
+            structured methods (width, heads, depth) calibrate where the model is.
 
     Returns:
         A :class:`CompressionReport`; ``print(report)`` shows the per-module table.
@@ -149,7 +155,9 @@ def compress_model(
             # run then undoes everything, exactly as a failure does.
             applier.swap = not dry_run or calibrated or bool(structured)
             if calibrated:
-                apply_layerwise(model, ops, batches, applier, progress, true_sequential)
+                apply_layerwise(
+                    model, ops, batches, applier, progress, true_sequential, calibration_device
+                )
             else:
                 for op in _iterate(ops, progress):
                     applier.apply(op)
