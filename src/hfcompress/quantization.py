@@ -14,11 +14,11 @@ covers them:
 
    * ``"weight-only"`` (the default): int8 weights with one scale per output row, activations
      in floating point (torchao ``Int8WeightOnlyConfig``; any device; ``pip install
-     "hfcompress[int8]"``). On SmolLM2-135M (CPU, fp32): perplexity 1.01×, decode 1.44×,
+     "hfcompress[int8]"``). On SmolLM2-135M (CPU, fp32): perplexity 1.01×, decode 1.40×,
      model bytes 0.41× (docs/benchmarks.md);
    * ``"dynamic"``: activations quantized too, at run time, for int8 matrix products. On CPU,
      PyTorch's own dynamic quantization (``torch.ao``, fbgemm/qnnpack; one activation scale per
-     tensor, float32 models): the fastest (decode 1.98×, prefill 2.66×) but the least accurate
+     tensor, float32 models): the fastest (decode 1.95×, prefill 2.09×) but the least accurate
      on LLMs, whose activations have outlier channels (perplexity 2.67×; 1.13× with
      ``exclude=r".*down_proj"``). On CUDA, torchao ``Int8DynamicActivationInt8WeightConfig``
      (one scale per token);
