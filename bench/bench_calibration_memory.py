@@ -6,7 +6,8 @@ download): ``--size 135m`` has SmolLM2-135M's shapes, ``--size 1.1b`` TinyLlama-
 layers, hidden 2048, MLP 5632, 32 heads / 4 KV heads). Weights are stored in ``--dtype``;
 statistics are accumulated in fp32 by hfcompress. Calibration: ``--n-calib`` random sequences
 of ``--seq-len`` tokens. Every decoder Linear is compressed: SparseGPT 50% or whitened low rank
-at ratio 0.5.
+at ratio 0.5, with the replaced originals (kept for an undo) in memory or on disk
+(``compress_model(keep_originals=...)``).
 
 The table gives the peak RSS, the model's bytes before compressing (``hfcompress.model_bytes``),
 the peak minus those bytes and minus the process's baseline (torch + transformers imported,
@@ -83,6 +84,7 @@ def child(args: argparse.Namespace) -> dict:
         calibration=ids,
         progress=False,
         calibration_batch_size=args.batch_size,
+        keep_originals=args.keep_originals[0],
     )
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -104,6 +106,13 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--keep-originals",
+        nargs="+",
+        choices=["memory", "disk"],
+        default=["memory", "disk"],
+        help="compress_model's keep_originals; each is a separate run",
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--method", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -111,8 +120,10 @@ def main() -> None:
         print(json.dumps(child(args)))
         return
     rows = []
-    for method in args.methods:
+    runs = [(m, k) for m in args.methods for k in args.keep_originals]
+    for method, keep in runs:
         command = [sys.executable, __file__, "--child", "--method", method, "--size", args.size]
+        command += ["--keep-originals", keep]
         command += ["--dtype", args.dtype, "--n-calib", str(args.n_calib)]
         command += ["--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size)]
         command += ["--threads", str(args.threads)]
@@ -120,8 +131,8 @@ def main() -> None:
         if out.returncode != 0:
             raise SystemExit(f"{method}: failed\n{out.stderr[-3000:]}")
         result = json.loads(out.stdout.strip().splitlines()[-1])
-        rows.append((method, result))
-        print(f"{method}: {result}", flush=True)
+        rows.append((f"{method}, originals in {keep}", result))
+        print(f"{method} ({keep}): {result}", flush=True)
     gb = 1e9
     print(
         f"\nLlama {args.size} (random weights), {args.dtype} storage, calibration "

@@ -309,3 +309,80 @@ def test_a_problem_shared_by_many_modules_is_said_once():
     message = str(info.value)
     assert message.count("needs calibration data") == 1, message
     assert f"stages[0](prune), {n} modules ('model.layers.0.self_attn.q_proj'," in message
+
+
+# --- keep_originals="disk": the undo copies wait in memory-mapped files -----------------------------
+
+SPARSEGPT = {
+    "stages": [
+        {"method": "prune", "targets": BLOCK_LINEARS, "sparsity": 0.5, "criterion": "sparsegpt"}
+    ]
+}
+
+
+def test_originals_on_disk_give_the_same_model_and_report():
+    in_memory, on_disk = tiny_model("llama"), tiny_model("llama")
+    on_disk.load_state_dict(in_memory.state_dict())
+    a = compress_model(in_memory, SPARSEGPT, calibration=CALIBRATION, progress=False)
+    b = compress_model(
+        on_disk, SPARSEGPT, calibration=CALIBRATION, progress=False, keep_originals="disk"
+    )
+    for (key, x), (_, y) in zip(
+        in_memory.state_dict().items(), on_disk.state_dict().items(), strict=True
+    ):
+        assert torch.equal(x, y), key
+    assert [(m.name, m.params_before, m.rel_error, m.output_error) for m in a.modules] == [
+        (m.name, m.params_before, m.rel_error, m.output_error) for m in b.modules
+    ]
+
+
+def test_ctrl_c_with_originals_on_disk_restores_the_model_and_removes_the_files(
+    monkeypatch, tmp_path
+):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the stash's folder goes here
+    model = tiny_model("llama")
+    before = snapshot(model)
+    # interrupted in the second block: the first block's originals are already on disk
+    _fail_on_call(monkeypatch, prune_build, "sparsegpt_prune", 9, KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        compress_model(
+            model, SPARSEGPT, calibration=CALIBRATION, progress=False, keep_originals="disk"
+        )
+    assert_unchanged(model, before)
+    assert list(tmp_path.iterdir()) == []  # the stash is gone
+
+
+def test_stashed_module_is_file_backed_and_comes_back_exactly(tmp_path, monkeypatch):
+    import tempfile
+
+    from hfcompress.swap import DiskStash
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    module = nn.Sequential(nn.Linear(8, 4), nn.LayerNorm(4)).to(torch.bfloat16)
+    module.register_buffer("steps", torch.arange(3))
+    state = {k: v.clone() for k, v in module.state_dict().items()}
+    stash = DiskStash()
+    stash.stash(module)
+    files = list(next(tmp_path.iterdir()).iterdir())
+    assert len(files) == len(state)  # one file per tensor
+    assert sum(f.stat().st_size for f in files) == sum(
+        t.numel() * t.element_size() for t in state.values()
+    )
+    for key, value in module.state_dict().items():
+        assert torch.equal(value, state[key]), key  # read through the mapping
+    stash.restore(module)
+    stash.close()
+    assert list(tmp_path.iterdir()) == []
+    for key, value in module.state_dict().items():
+        assert torch.equal(value, state[key]) and value.dtype == state[key].dtype, key
+    module[0].weight.data.add_(1)  # in memory again: writable, the files are gone
+
+
+def test_an_unknown_keep_originals_is_refused_before_anything_changes():
+    model = tiny_model("llama")
+    before = snapshot(model)
+    with pytest.raises(RecipeError, match="keep_originals='gpu'"):
+        compress_model(model, SPARSEGPT, calibration=CALIBRATION, keep_originals="gpu")
+    assert_unchanged(model, before)

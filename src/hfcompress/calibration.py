@@ -242,8 +242,10 @@ def apply_layerwise(
         )
         # with a separate compute device, the replaced modules (kept for undo and the report)
         # went there with their block: they go back to where the model lives
-        for op in ops_here:
-            swapper.originals[op.module_name].to(home)
+        names = sorted({op.module_name for op in ops_here})
+        for name in names:
+            swapper.originals[name].to(home)
+        swapper.stash_originals(names)  # with keep_originals="disk": only the new layers stay
 
     run_layerwise(model, batches, stack, compress, progress, device)
     for op in outside:

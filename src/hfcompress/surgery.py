@@ -10,7 +10,7 @@ report is ``hfcompress.report.CompressionReport``.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from hfcompress._version import __version__
 from hfcompress.calibration import apply_layerwise, calibration_batches
 from hfcompress.errors import DecompositionError, HfCompressError, RecipeError
-from hfcompress.layers.base import CompressedLayer, count_parameters, dense_weight_of
+from hfcompress.layers.base import CompressedLayer, count_parameters
 from hfcompress.recipe import Recipe
 from hfcompress.registry import (
     ModelContext,
@@ -31,7 +31,7 @@ from hfcompress.registry import (
 from hfcompress.report import CompressionReport, ModuleReport
 from hfcompress.stage import StageBase
 from hfcompress.structured import Journal, structural_differences
-from hfcompress.swap import Operation, Swapper
+from hfcompress.swap import DiskStash, Operation, Swapper
 from hfcompress.validation import compressible_modules, plan_compression, tied_modules
 
 __all__ = [
@@ -62,12 +62,6 @@ def register_record_hook(hook: Callable[[nn.Module], None]) -> None:
         _RECORD_HOOKS.append(hook)
 
 
-def _relative_error(original: torch.Tensor, module: nn.Module) -> float:
-    W = original.detach().float()
-    W_hat = dense_weight_of(module).detach().float()
-    return float(torch.linalg.matrix_norm(W - W_hat) / torch.linalg.matrix_norm(W).clamp_min(1e-30))
-
-
 def _report_settings(module: nn.Module) -> dict[str, Any]:
     return module.report_settings() if isinstance(module, CompressedLayer) else {}
 
@@ -90,6 +84,7 @@ def compress_model(
     calibration_batch_size: int = 8,
     true_sequential: bool = False,
     calibration_device: torch.device | str | None = None,
+    keep_originals: Literal["memory", "disk"] = "memory",
 ) -> CompressionReport:
     """Compress ``model`` in place according to ``recipe``.
 
@@ -113,6 +108,11 @@ def compress_model(
             each block moves there to be compressed and back, so the device holds one block
             and its activations. Default: where the model is. The layer criteria only; the
             structured methods (width, heads, depth) calibrate where the model is.
+        keep_originals: where the replaced modules wait, in case the run fails or is
+            interrupted and the model must be restored: ``"memory"``, or ``"disk"`` (with
+            ``calibration``: once a block is compressed, its originals move to memory-mapped
+            temporary files, so the model's memory holds the new layers and not both; an undo
+            reads them back). The files are deleted when ``compress_model`` returns.
 
     Returns:
         A :class:`CompressionReport`; ``print(report)`` shows the per-module table.
@@ -139,7 +139,12 @@ def compress_model(
         ops, skipped = plan_compression(model, recipe, calibrated=batches is not None)
     report = CompressionReport(dry_run=dry_run)
     report.model_params_before = count_parameters(model)
-    applier = Swapper(model, swap=True)
+    if keep_originals not in ("memory", "disk"):
+        raise RecipeError(
+            f"compress_model: keep_originals={keep_originals!r}; expected 'memory' or 'disk'"
+        )
+    stash = DiskStash() if keep_originals == "disk" else None
+    applier = Swapper(model, swap=True, stash=stash)
     changes: list[StructuredChange] = []
     where = "before any module was replaced"
     try:
@@ -165,6 +170,8 @@ def compress_model(
         # Anything at all, Ctrl-C included: put every original module back first.
         applier.undo()
         journal.undo()
+        if stash is not None:
+            stash.close()
         op = applier.last
         if op is not None:
             where = (
@@ -186,6 +193,8 @@ def compress_model(
         journal.undo()
     else:
         record_compression(model)
+    if stash is not None:
+        stash.close()
     return report
 
 
@@ -256,22 +265,21 @@ def _add_note(error: BaseException, note: str) -> None:
 
 
 def _report_rows(applier: Swapper) -> list[ModuleReport]:
+    applier.settle()  # the modules not settled block by block (data-free, outside the stack)
     rows = []
-    applier.settle()  # any statistics not settled block by block
     for name, new in applier.current.items():
-        original = applier.originals[name]
-        W = dense_weight_of(original)
+        facts = applier.facts[name]
         rows.append(
             ModuleReport(
                 name=name,
                 methods=applier.methods[name],
-                shape=(W.shape[0], W.shape[1]),
+                shape=facts.shape,
                 source=new.source,
-                params_before=count_parameters(original),
+                params_before=facts.params_before,
                 params_after=count_parameters(new),
                 settings=_report_settings(new),
-                rel_error=_relative_error(W, new),
-                output_error=applier.output_errors.get(name),
+                rel_error=facts.rel_error,
+                output_error=facts.output_error,
             )
         )
     return rows

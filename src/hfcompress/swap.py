@@ -8,12 +8,15 @@ layer-by-layer runner alike.
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
-from hfcompress.layers import dense_weight_of
+from hfcompress.layers import count_parameters, dense_weight_of
 from hfcompress.registry import criterion_of
 from hfcompress.stage import StageBase
 from hfcompress.stats import LayerStats
@@ -35,6 +38,70 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
+@dataclass(frozen=True)
+class Facts:
+    """What the report needs of one replaced module, taken while its original is in memory."""
+
+    shape: tuple[int, int]
+    params_before: int
+    rel_error: float
+    output_error: float | None
+
+
+class DiskStash:
+    """The tensors of modules kept only for an undo, moved to memory-mapped temporary files.
+
+    A compressed block's replaced originals are needed again only if the run fails or is
+    interrupted. On disk, the model's memory holds the new layers alone (the originals' pages
+    are file-backed and evictable); an undo reads them back to their device. The folder is
+    deleted by :meth:`close`.
+    """
+
+    def __init__(self) -> None:
+        self._folder = tempfile.TemporaryDirectory(prefix="hfcompress-undo-")
+        self._count = 0
+        # id(module) -> [(owner, attribute, is parameter, device)]: where each tensor goes back
+        self._moved: dict[int, list[tuple[nn.Module, str, bool, torch.device]]] = {}
+
+    def stash(self, module: nn.Module) -> None:
+        """Move ``module``'s parameters and buffers (recursively) to files, in place."""
+        moved = self._moved.setdefault(id(module), [])
+        for owner in module.modules():
+            for table, is_param in ((owner._parameters, True), (owner._buffers, False)):
+                for attribute, tensor in list(table.items()):
+                    if tensor is None or tensor.numel() == 0 or tensor.device.type == "meta":
+                        continue
+                    mapped = self._write(tensor.detach())
+                    if is_param:
+                        tensor.data = mapped
+                    else:
+                        table[attribute] = mapped
+                    moved.append((owner, attribute, is_param, tensor.device))
+
+    def _write(self, tensor: torch.Tensor) -> torch.Tensor:
+        path = Path(self._folder.name) / f"{self._count}.bin"
+        self._count += 1
+        raw = tensor.cpu().contiguous().view(torch.uint8).reshape(-1)
+        raw.numpy().tofile(path)
+        # mode "c": copy-on-write, the file is never changed through the mapping
+        mapped = torch.from_numpy(np.memmap(path, dtype=np.uint8, mode="c"))
+        return mapped.view(tensor.dtype).view(tensor.shape)
+
+    def restore(self, module: nn.Module) -> None:
+        """Read a stashed module's tensors back into memory, each on its own device."""
+        for owner, attribute, is_param, device in self._moved.pop(id(module), []):
+            table = owner._parameters if is_param else owner._buffers
+            back = table[attribute].detach().to(device, copy=True)
+            if is_param:
+                table[attribute].data = back
+            else:
+                table[attribute] = back
+
+    def close(self) -> None:
+        self._moved.clear()
+        self._folder.cleanup()
+
+
 class Swapper:
     """Applies operations one by one, remembering what the report and an undo need.
 
@@ -42,11 +109,14 @@ class Swapper:
         model: the model being compressed.
         swap: whether to put new modules into the model (a dry run without calibration only
             builds them).
+        stash: where to keep replaced originals once their block is final (None: in memory).
     """
 
-    def __init__(self, model: nn.Module, swap: bool = True) -> None:
+    def __init__(self, model: nn.Module, swap: bool = True, stash: DiskStash | None = None) -> None:
         self.model = model
         self.swap = swap
+        self.stash = stash
+        self.facts: dict[str, Facts] = {}
         self.current: dict[str, nn.Module] = {}  # module name -> its latest replacement
         self.originals: dict[str, nn.Module] = {}
         self.methods: dict[str, list[str]] = {}
@@ -72,26 +142,49 @@ class Swapper:
         return new
 
     def settle(self, names: list[str] | None = None) -> None:
-        """Turn the statistics kept for ``names`` (default: all) into their output errors.
+        """Take the report's facts of ``names`` (default: all), whose modules are final.
 
-        A module's output error needs its inputs' Gram matrix X·Xᵀ (fp32, in²: 127 MB for a
-        5632-wide down projection), so keeping every module's until the report would hold the
-        whole model's statistics at once. The calibrated runner settles each block as soon as
-        its modules are final.
+        Their statistics become output errors and are dropped: a module's output error needs
+        its inputs' Gram matrix X·Xᵀ (fp32, in²: 127 MB for a 5632-wide down projection), so
+        keeping every module's until the report would hold the whole model's statistics at
+        once. The calibrated runner settles each block as soon as it is compressed.
         """
-        for name in list(self.stats) if names is None else names:
+        for name in list(self.current) if names is None else names:
+            if name in self.facts or name not in self.current:
+                continue
             stats = self.stats.pop(name, None)
-            if stats is not None:
-                original = dense_weight_of(self.originals[name])
-                self.output_errors[name] = output_error(
-                    original, self.current[name], stats.inputs.gram
-                )
+            original, new = self.originals[name], self.current[name]
+            W = dense_weight_of(original)
+            error = None if stats is None else output_error(W, new, stats.inputs.gram)
+            if error is not None:
+                self.output_errors[name] = error
+            self.facts[name] = Facts(
+                (W.shape[0], W.shape[1]), count_parameters(original), relative_error(W, new), error
+            )
+
+    def stash_originals(self, names: list[str]) -> None:
+        """Move the (settled) originals of ``names`` to the disk stash, if there is one."""
+        if self.stash is None:
+            return
+        for name in names:
+            if name in self.originals:
+                self.settle([name])
+                self.stash.stash(self.originals[name])
 
     def undo(self) -> None:
         """Put every original module back, newest swap first."""
         for name, module in reversed(self._undo_log):
+            if self.stash is not None:
+                self.stash.restore(module)
             set_module(self.model, name, module)
         self._undo_log.clear()
+
+
+def relative_error(original: torch.Tensor, module: nn.Module) -> float:
+    """‖W − Ŵ‖_F / ‖W‖_F of the dense weight ``original`` and what ``module`` computes."""
+    W = original.detach().float()
+    W_hat = dense_weight_of(module).detach().float().to(W.device)
+    return float(torch.linalg.matrix_norm(W - W_hat) / torch.linalg.matrix_norm(W).clamp_min(1e-30))
 
 
 @torch.no_grad()
