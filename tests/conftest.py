@@ -203,3 +203,26 @@ def assert_unchanged(model: nn.Module, before: dict) -> None:
     for key, value in state.items():
         assert torch.equal(value, before["state"][key]), key
     assert model.config.to_dict() == before["config"]
+
+
+def logits_without_hfcompress(folder, cls: str, ids: torch.Tensor, tmp_path) -> torch.Tensor:
+    """Logits of ``transformers.<cls>.from_pretrained(folder)`` in a fresh process that never
+    imports hfcompress (a plain checkpoint must load anywhere); tensors travel as safetensors."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file, save_file
+
+    save_file({"ids": ids.contiguous()}, tmp_path / "ids.safetensors")
+    code = (
+        "import sys, torch, transformers\n"
+        "from safetensors.torch import load_file, save_file\n"
+        f"m = getattr(transformers, {cls!r}).from_pretrained({str(folder)!r}).eval()\n"
+        f"ids = load_file({str(tmp_path / 'ids.safetensors')!r})['ids']\n"
+        "kw = {'decoder_input_ids': ids[:, :6]} if m.config.is_encoder_decoder else {}\n"
+        "with torch.no_grad(): out = m(input_ids=ids, **kw).logits\n"
+        "assert 'hfcompress' not in sys.modules\n"
+        f"save_file({{'out': out.contiguous()}}, {str(tmp_path / 'out.safetensors')!r})\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+    return load_file(tmp_path / "out.safetensors")["out"]

@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 from torch import nn
 
 import hfcompress.methods.heads.build as heads_build
-from conftest import assert_unchanged, model_output, snapshot, tiny_inputs, tiny_model
+from conftest import (
+    assert_unchanged,
+    logits_without_hfcompress,
+    model_output,
+    snapshot,
+    tiny_inputs,
+    tiny_model,
+)
 from hfcompress import compress_model
 from hfcompress.recipe import RecipeError
 from hfcompress.structured import dense_weight
@@ -294,20 +299,6 @@ def test_refit_lowers_the_output_error():
 # --- checkpoints and generation ---------------------------------------------------------------
 
 
-def _load_without_hfcompress(folder, cls: str, ids: torch.Tensor, tmp_path) -> torch.Tensor:
-    torch.save(ids, tmp_path / "ids.pt")
-    code = (
-        "import sys, torch, transformers\n"
-        f"m = getattr(transformers, {cls!r}).from_pretrained({str(folder)!r}).eval()\n"
-        f"ids = torch.load({str(tmp_path / 'ids.pt')!r})\n"
-        "with torch.no_grad(): out = m(input_ids=ids).logits\n"
-        "assert 'hfcompress' not in sys.modules\n"
-        f"torch.save(out, {str(tmp_path / 'out.pt')!r})\n"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
-    return torch.load(tmp_path / "out.pt")
-
-
 @pytest.mark.parametrize(
     ("name", "groups", "counts"),
     [("llama", "kv", (2, 1)), ("qwen2", "kv", (2, 1)), ("llama-gqa4", "query", (4, 2))],
@@ -322,7 +313,9 @@ def test_uniform_heads_save_a_plain_checkpoint(name, groups, counts, tmp_path):
     assert "quantization_config" not in config
     assert (config["num_attention_heads"], config["num_key_value_heads"]) == counts
     assert config["head_dim"] == 64 // SHAPES[name][1]  # not its default, 64 // heads
-    got = _load_without_hfcompress(tmp_path / "out", type(model).__name__, x["input_ids"], tmp_path)
+    got = logits_without_hfcompress(
+        tmp_path / "out", type(model).__name__, x["input_ids"], tmp_path
+    )
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,6 +12,7 @@ import hfcompress.methods.width.build as width_build
 from conftest import (
     TINY_MODELS,
     assert_unchanged,
+    logits_without_hfcompress,
     model_output,
     snapshot,
     tiny_inputs,
@@ -186,21 +185,6 @@ def test_refit_lowers_the_output_error():
     assert errors[True] < errors[False]
 
 
-def _load_without_hfcompress(folder, cls: str, ids: torch.Tensor, tmp_path) -> torch.Tensor:
-    torch.save(ids, tmp_path / "ids.pt")
-    code = (
-        "import sys, torch, transformers\n"
-        f"m = getattr(transformers, {cls!r}).from_pretrained({str(folder)!r}).eval()\n"
-        f"ids = torch.load({str(tmp_path / 'ids.pt')!r})\n"
-        "kw = {'decoder_input_ids': ids[:, :6]} if m.config.is_encoder_decoder else {}\n"
-        "with torch.no_grad(): out = m(input_ids=ids, **kw).logits\n"
-        "assert 'hfcompress' not in sys.modules\n"
-        f"torch.save(out, {str(tmp_path / 'out.pt')!r})\n"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
-    return torch.load(tmp_path / "out.pt")
-
-
 @pytest.mark.parametrize("arch", ARCHS)
 def test_uniform_width_saves_a_plain_checkpoint(arch, tmp_path):
     model = build(arch)
@@ -210,7 +194,9 @@ def test_uniform_width_saves_a_plain_checkpoint(arch, tmp_path):
     model.save_pretrained(tmp_path / "out")
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert "quantization_config" not in config
-    got = _load_without_hfcompress(tmp_path / "out", type(model).__name__, x["input_ids"], tmp_path)
+    got = logits_without_hfcompress(
+        tmp_path / "out", type(model).__name__, x["input_ids"], tmp_path
+    )
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
