@@ -180,20 +180,10 @@ def prefill(model: nn.Module, ids: torch.Tensor) -> object:
 
 
 def decode(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
-    """Greedy generation of exactly ``new_tokens`` tokens."""
-    out = model.generate(
-        input_ids=ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens,
-        do_sample=False,
-        use_cache=True,
-        pad_token_id=model.config.eos_token_id
-        if model.config.pad_token_id is None
-        else model.config.pad_token_id,
-    )
-    assert out.shape[1] == ids.shape[1] + new_tokens, out.shape
-    return out
+    """Greedy generation of exactly ``new_tokens`` tokens (as ``hfcompress eval --speed``)."""
+    from hfcompress.evaluation.efficiency import generation_call
+
+    return generation_call(model, ids, new_tokens)()
 
 
 def measure(form: Form, inputs: dict[str, torch.Tensor], args: argparse.Namespace) -> None:

@@ -207,8 +207,11 @@ def compare_speed(
     return SpeedComparison(measured, baseline, baseline.median_s / measured.median_s)
 
 
-def _generate(model: nn.Module, input_ids: torch.Tensor, new_tokens: int) -> Callable[[], object]:
-    """Greedy ``generate`` of exactly ``new_tokens`` tokens (EOS ignored), with the KV cache."""
+def generation_call(
+    model: nn.Module, input_ids: torch.Tensor, new_tokens: int
+) -> Callable[[], torch.Tensor]:
+    """A call of greedy ``generate`` of exactly ``new_tokens`` tokens (EOS ignored), with the KV
+    cache, after ``input_ids`` [batch, prompt] (moved to the model's device once, here)."""
     ids = input_ids.to(model_device(model))
     config = getattr(model, "generation_config", None) or model.config
     pad = getattr(config, "pad_token_id", None)
@@ -267,7 +270,7 @@ def measure_generation(
                 f"{name}: {type(candidate).__name__} has no generate(); decoding speed needs a "
                 "causal language model"
             )
-    calls = {name: _generate(m, input_ids, new_tokens) for name, m in models.items()}
+    calls = {name: generation_call(m, input_ids, new_tokens) for name, m in models.items()}
     times: dict[str, list[float]] = {name: [] for name in models}
     tokens = input_ids.shape[0] * new_tokens
     with ExitStack() as stack:
