@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-import hfcompress.methods.heads.build as heads_build
+import hfcompress.structured.refit as refit_module
 from conftest import (
     assert_unchanged,
     logits_without_hfcompress,
@@ -564,7 +564,7 @@ def test_a_failure_midway_restores_the_model(monkeypatch, interrupt):
     model = build("llama-gqa4")
     before = snapshot(model)
     calls = []
-    real = heads_build.refit_consumer
+    real = refit_module.refit_consumer
 
     def failing(*args, **kwargs):
         calls.append(1)
@@ -572,7 +572,7 @@ def test_a_failure_midway_restores_the_model(monkeypatch, interrupt):
             raise interrupt("stop")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(heads_build, "refit_consumer", failing)
+    monkeypatch.setattr(refit_module, "refit_consumer", failing)
     recipe = stage(keep=0.5, groups="query")
     with pytest.raises(interrupt):
         compress_model(model, recipe, calibration=CALIBRATION, progress=False)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import hfcompress.methods.width.build as width_build
+import hfcompress.structured.refit as refit_module
 from conftest import (
     TINY_MODELS,
     assert_unchanged,
@@ -308,7 +309,7 @@ def test_a_failure_midway_restores_the_model(monkeypatch, interrupt):
     model = build("llama")
     before = snapshot(model)
     calls = []
-    real = width_build.refit_consumer
+    real = refit_module.refit_consumer
 
     def failing(*args, **kwargs):
         calls.append(1)
@@ -316,7 +317,7 @@ def test_a_failure_midway_restores_the_model(monkeypatch, interrupt):
             raise interrupt("stop")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(width_build, "refit_consumer", failing)
+    monkeypatch.setattr(refit_module, "refit_consumer", failing)
     with pytest.raises((interrupt, RecipeError, Exception)):
         compress_model(model, stage("llama", keep=0.5), calibration=CALIBRATION, progress=False)
     assert len(calls) == 2

@@ -14,10 +14,16 @@ from torch import nn
 
 from hfcompress.errors import InvalidParameterError
 from hfcompress.stats import InputStats
-from hfcompress.structured.edit import dense_weight
+from hfcompress.structured.edit import Dense, dense_weight, select_inputs
 from hfcompress.structured.model import model_batches
 
-__all__ = ["loss_gradients", "refit_consumer", "refit_output_error", "ridge_solve"]
+__all__ = [
+    "loss_gradients",
+    "refit_consumer",
+    "refit_output_error",
+    "ridge_solve",
+    "shrink_consumer",
+]
 
 
 def loss_gradients(
@@ -149,3 +155,30 @@ def refit_output_error(
     return float(
         energy(delta, d_b).clamp_min(0).sqrt() / energy(old_w, b_old).clamp_min(1e-30).sqrt()
     )
+
+
+def shrink_consumer(
+    consumer: Dense, keep: torch.Tensor, refit: tuple[InputStats, float] | None
+) -> tuple[nn.Module, float | None]:
+    """The consuming Linear/Conv1D restricted to its inputs ``keep``, refit or not.
+
+    Args:
+        consumer: the module reading the removed channels (down_proj, o_proj), [out, in].
+        keep: the kept input indices K.
+        refit: (its inputs' statistics with the Gram matrix, ridge damping) to refit the
+            weight (and bias) by least squares on x_K; None keeps the columns as they are.
+
+    Returns:
+        The new module [out, |K|] and, with a refit, its relative output error on the
+        calibration inputs (else None).
+    """
+    if refit is None:
+        return select_inputs(consumer, keep), None
+    stats, damping = refit
+    W = dense_weight(consumer)
+    new_weight, new_bias = refit_consumer(W, consumer.bias, stats, keep, damping)
+    new = select_inputs(consumer, keep, weight=new_weight)
+    if new_bias is not None:
+        with torch.no_grad():
+            new.bias.copy_(new_bias)
+    return new, refit_output_error(W, consumer.bias, new_weight, new_bias, keep, stats)

@@ -42,11 +42,10 @@ from hfcompress.structured import (
     Journal,
     attention_parts,
     dense_weight,
-    select_inputs,
     select_outputs,
 )
 from hfcompress.structured.model import has_lm_head, model_batches, outer_stack, stacks
-from hfcompress.structured.refit import loss_gradients, refit_consumer, refit_output_error
+from hfcompress.structured.refit import loss_gradients, shrink_consumer
 from hfcompress.structured.targets import grouped_errors, no_match_message, select_modules
 
 DATA_CRITERIA = frozenset({"activation", "taylor"})
@@ -319,19 +318,7 @@ def prune_heads(
     kv_rows = head_rows(choice.kv, parts.head_dim)
     for child, rows in ((parts.q, q_rows), (parts.k, kv_rows), (parts.v, kv_rows)):
         journal.setattr(attention, child, select_outputs(getattr(attention, child), rows))
-    consumer = getattr(attention, parts.o)
-    error = None
-    if refit is None:
-        new = select_inputs(consumer, q_rows)
-    else:
-        stats, damping = refit
-        W = dense_weight(consumer)
-        new_weight, new_bias = refit_consumer(W, consumer.bias, stats, q_rows, damping)
-        new = select_inputs(consumer, q_rows, weight=new_weight)
-        if new_bias is not None:
-            with torch.no_grad():
-                new.bias.copy_(new_bias)
-        error = refit_output_error(W, consumer.bias, new_weight, new_bias, q_rows, stats)
+    new, error = shrink_consumer(getattr(attention, parts.o), q_rows, refit)
     journal.setattr(attention, parts.o, new)
     _set_counts(attention, len(choice.query), len(choice.kv), journal)
     return error

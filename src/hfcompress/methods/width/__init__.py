@@ -5,12 +5,12 @@ from hfcompress.methods.width.build import (
     check_width,
     magnitude_scores,
     reconstruction_keep,
-    refit_consumer,
     taylor_scores,
     transform_width,
 )
 from hfcompress.methods.width.config import WidthStage
 from hfcompress.registry import Criterion, Method, register_method
+from hfcompress.structured.refit import refit_consumer
 
 METHOD = register_method(
     Method(

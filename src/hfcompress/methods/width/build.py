@@ -31,12 +31,11 @@ from hfcompress.structured import (
     dense_weight,
     find_mlps,
     mlp_parts,
-    select_inputs,
     select_outputs,
 )
 from hfcompress.structured.architectures import WIDTH_CONFIG_KEYS
 from hfcompress.structured.model import has_lm_head, model_batches, outer_stack, stacks
-from hfcompress.structured.refit import loss_gradients, refit_consumer, refit_output_error
+from hfcompress.structured.refit import loss_gradients, shrink_consumer
 from hfcompress.structured.targets import grouped_errors, no_match_message, select_modules
 
 DATA_CRITERIA = frozenset({"activation", "taylor", "reconstruction"})
@@ -223,19 +222,7 @@ def prune_mlp(
         journal.setattr(owner, child, select_outputs(getattr(owner, child), rows))
     owner_name, _, child = parts.consumer_name.rpartition(".")
     owner = model.get_submodule(owner_name)
-    consumer = getattr(owner, child)
-    error = None
-    if refit is None:
-        new = select_inputs(consumer, keep)
-    else:
-        stats, damping = refit
-        W = dense_weight(consumer)
-        new_weight, new_bias = refit_consumer(W, consumer.bias, stats, keep, damping)
-        new = select_inputs(consumer, keep, weight=new_weight)
-        if new_bias is not None:
-            with torch.no_grad():
-                new.bias.copy_(new_bias)
-        error = refit_output_error(W, consumer.bias, new_weight, new_bias, keep, stats)
+    new, error = shrink_consumer(getattr(owner, child), keep, refit)
     journal.setattr(owner, child, new)
     if isinstance(getattr(mlp, "intermediate_size", None), int):
         journal.setattr(mlp, "intermediate_size", len(keep))
